@@ -1,0 +1,34 @@
+# Two entry points (see README): `make demo` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install system-deps model clean
+
+$(BIN)/osteoscreen: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# the CPU build of torch 2.13 first, so that the project's range does not pull a CUDA build
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/osteoscreen
+
+demo: install
+	$(BIN)/osteoscreen demo
+
+# Real peers the tests talk to: DCMTK (storescu/storescp/dsrdump/dcmcjpeg…) and dicom3tools (dciodvfy).
+system-deps:
+	@if ! command -v storescp >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v dcmcjpls >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools; fi
+
+test: install system-deps
+	$(BIN)/pytest -q
+
+# Rebuild the shipped checkpoint from synthetic phantoms (about 20 minutes on 2 CPU cores).
+model: install
+	bash scripts/train_shipped_model.sh
+
+clean:
+	rm -rf $(VENV) var demo-output .pytest_cache

@@ -1,0 +1,177 @@
+"""Command line: one sub-command per role or tool. Exit codes: 0 ok, 1 runtime failure, 2 usage/config."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, Destination, load
+
+log = logging.getLogger("osteoscreen")
+
+
+class UsageError(Exception):
+    """Bad arguments or input files: exit code 2 with a message, no traceback."""
+
+
+def _node_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config.yaml (default: none; environment OSTEOSCREEN_* also applies)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--ae-title")
+    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
+                   help="where results are sent (repeatable)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the storage folder)")
+    p.add_argument("--storage", help="folder for spool, outbox and the SQLite database (default ./var)")
+
+
+def _settings(args):
+    overrides = {"port": args.port, "ae_title": args.ae_title, "database_url": args.database_url,
+                 "storage": args.storage}
+    if args.destination:
+        overrides["destinations"] = [Destination.parse(d) for d in args.destination]
+    return load(args.config or None, overrides)
+
+
+def cmd_run_roles(args) -> int:
+    settings = _settings(args)  # a config error must not wait for heavy imports
+    from .service import ROLES, Node, run_until_signal
+    roles = ROLES if args.command == "serve" else (args.command,)
+    run_until_signal(Node(settings, roles))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .synth import synthesize
+    views = tuple(args.views.split(",")) if args.views else None
+    manifest = synthesize(args.kind, args.count, Path(args.out), seed=args.seed, views=views,
+                          transfer_syntax=args.transfer_syntax, progress=not args.quiet)
+    print(manifest)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_files
+    settings = load(args.config or None, {"model_path": args.model, "device": args.device})
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        raise UsageError(f"no such file: {', '.join(missing)}")
+    for record in predict_files([Path(f) for f in args.files], settings, Path(args.out) if args.out else None):
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            sites = "; ".join(f"{s['site']}: {s['class'] or 'not assessable (' + str(s['reason']) + ')'}"
+                              + (f" T≈{s['t_score']:+.1f}" if s["t_score"] is not None else "")
+                              for s in record["sites"]) or f"not assessable ({record['reason']})"
+            print(f"{record['file']}: {sites}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training.train import TrainConfig, train
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=args.device, val_fraction=args.val_fraction, version=args.version)
+    ckpt = train(Path(args.manifest), Path(args.out), cfg, resume=args.resume, progress=not args.quiet)
+    print(ckpt)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .training.evaluate import evaluate_csv, format_report
+    if not Path(args.predictions).is_file():
+        raise UsageError(f"no such file: {args.predictions}")
+    try:
+        report = evaluate_csv(Path(args.predictions), plots=Path(args.plots) if args.plots else None)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{args.predictions}: {exc}") from exc
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osteoscreen", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"osteoscreen {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "all roles in one process (listener, scheduler, worker, dispatcher)"),
+                       ("listen", "the DICOM listener and the study-settle timer"),
+                       ("work", "a worker: screens queued studies"),
+                       ("dispatch", "the dispatcher: sends result objects")):
+        p = sub.add_parser(name, help=text)
+        _node_flags(p)
+        p.set_defaults(func=cmd_run_roles)
+
+    p = sub.add_parser("synth", help="write synthetic phantom radiographs with known T-scores")
+    p.add_argument("--kind", required=True, choices=["hip", "lumbar", "chest"])
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views", help="comma-separated views, e.g. ap,lat (lumbar default)")
+    p.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("predict", help="score DICOM files offline")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true", help="one JSON object per file and line")
+    p.add_argument("--out", help="also write the SR and heatmap files here")
+    p.add_argument("--model", help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("train", help="train a model from a manifest of DICOM files with T-scores")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="screening metrics from a predictions CSV")
+    p.add_argument("predictions")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plots", help="write ROC/calibration/Bland-Altman PNGs here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="end-to-end demonstration on a fresh machine")
+    p.add_argument("--workdir", default="demo-output", help="folder for the demo, emptied first (default ./demo-output)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"osteoscreen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 1
+    except Exception as exc:  # runtime failure: one clear line; the traceback only with --verbose
+        if args.verbose:
+            log.exception("failed")
+        print(f"osteoscreen: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed settings: defaults < config.yaml < environment (OSTEOSCREEN_*) < command-line flags.
+
+Every setting is documented in config.yaml at the repository root; this module only knows names,
+types and defaults. A bad value raises ConfigError, which the CLI turns into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "osteoscreen-v0.1.pt"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or contradictory."""
+
+
+@dataclass
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """Parse AET@HOST:PORT, the form used on the command line."""
+        m = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
+        if not m:
+            raise ConfigError(f"destination {text!r} is not AET@HOST:PORT")
+        return cls(m.group(1), m.group(2), int(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class Routing:
+    modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])
+    hip_keywords: list[str] = field(default_factory=lambda: ["HIP", "PELVIS", "PELV", "FEMUR", "BECKEN"])
+    lumbar_keywords: list[str] = field(default_factory=lambda: ["LSPINE", "LUMBAR", "L-SPINE", "LWS", "L SPINE"])
+    ap_views: list[str] = field(default_factory=lambda: ["AP", "PA"])
+    lateral_views: list[str] = field(default_factory=lambda: ["LL", "RL", "LAT", "LATERAL", "RLD", "LLD"])
+
+
+@dataclass
+class Output:
+    series_number_sr: int = 9901
+    series_number_heatmap: int = 9902
+    series_description_sr: str = "osteoscreen bone density SR"
+    series_description_heatmap: str = "osteoscreen heatmap"
+    heatmaps: bool = True
+
+
+@dataclass
+class Settings:
+    ae_title: str = "OSTEOSCREEN"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    storage: Path = Path("var")
+    database_url: str | None = None  # default: SQLite inside storage
+    destinations: list[Destination] = field(default_factory=list)
+    settle_seconds: float = 10.0
+    max_pdu: int = 65536
+    # worker
+    model_path: Path = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda
+    poll_seconds: float = 0.5
+    lease_seconds: float = 120.0
+    job_max_attempts: int = 3
+    # dispatch
+    dispatch_max_attempts: int = 8
+    dispatch_backoff_seconds: float = 5.0
+    dispatch_backoff_max_seconds: float = 600.0
+    routing: Routing = field(default_factory=Routing)
+    output: Output = field(default_factory=Output)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.storage / 'osteoscreen.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.storage / "outbox"
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """Convert a YAML/env value to the type of the default, or raise ConfigError."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, Path):
+            return Path(value)
+        if isinstance(default, list) and isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: {value!r} is not a valid {type(default).__name__}") from exc
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown setting {name!r}")
+        current = getattr(obj, key)
+        if key == "destinations":
+            items = value if isinstance(value, list) else [value]
+            try:
+                setattr(obj, key, [v if isinstance(v, Destination) else
+                                   Destination.parse(v) if isinstance(v, str) else Destination(**v) for v in items])
+            except TypeError as exc:
+                raise ConfigError(f"setting {name}: each destination is AET@HOST:PORT or "
+                                  "{ae_title, host, port}") from exc
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"setting {name} must be a mapping")
+            _apply(current, value, prefix=f"{name}.")
+        elif value is not None:
+            setattr(obj, key, _coerce(value, current, name))
+        elif key == "database_url":
+            setattr(obj, key, None)
+
+
+def load(config_file: Path | str | None = None, overrides: dict | None = None,
+         environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from the config file, OSTEOSCREEN_* environment variables and CLI overrides."""
+    settings = Settings()
+    path = Path(config_file) if config_file else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must contain a mapping")
+        _apply(settings, data)
+    env = os.environ if environ is None else environ
+    from_env = {k[len("OSTEOSCREEN_"):].lower(): v for k, v in env.items()
+                if k.startswith("OSTEOSCREEN_") and k != "OSTEOSCREEN_CONFIG"}
+    flat = {k: v for k, v in from_env.items() if "__" not in k}
+    _apply(settings, flat)
+    for k, v in from_env.items():  # nested: OSTEOSCREEN_OUTPUT__HEATMAPS=false
+        if "__" in k:
+            section, key = k.split("__", 1)
+            _apply(settings, {section: {key: v}})
+    _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None})
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if not re.fullmatch(r"[ -~]{1,16}", s.ae_title) or s.ae_title.strip() == "" or "\\" in s.ae_title:
+        raise ConfigError(f"ae_title {s.ae_title!r} must be 1-16 printable ASCII characters")
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"port {s.port} out of range")
+    if s.settle_seconds < 0:
+        raise ConfigError("settle_seconds must be >= 0")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device {s.device!r} must be auto, cpu or cuda")

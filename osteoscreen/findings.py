@@ -1,0 +1,116 @@
+"""The vocabulary every stage shares: sites, WHO categories, and the finding records.
+
+This module sits at the bottom of the import graph: pipeline, model, reports and store all use it,
+and it imports nothing from the project.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SITES = ("left_hip", "right_hip", "lumbar_spine")
+CLASSES = ("normal", "osteopenia", "osteoporosis")
+
+# Reasons a site or an image is "not assessable"; machine-readable, stored and written into the SR.
+REASON_SITE_NOT_FOUND = "site_not_found"
+REASON_LOW_LOCALISATION_CONFIDENCE = "low_localisation_confidence"
+REASON_UNSUPPORTED_VIEW = "unsupported_view"
+REASON_UNREADABLE_PIXELS = "unreadable_pixels"
+REASON_NOT_SCREENING_IMAGE = "not_screening_image"
+REASON_IMPLANT = "metal_implant"
+REASON_OUT_OF_DISTRIBUTION = "out_of_distribution"
+
+REASON_TEXT = {
+    REASON_SITE_NOT_FOUND: "site not found in the image",
+    REASON_LOW_LOCALISATION_CONFIDENCE: "site located with low confidence",
+    REASON_UNSUPPORTED_VIEW: "view not supported for this site",
+    REASON_UNREADABLE_PIXELS: "pixel data could not be decoded",
+    REASON_NOT_SCREENING_IMAGE: "not a hip, pelvis or lumbar-spine radiograph",
+    REASON_IMPLANT: "metal implant in the site",
+    REASON_OUT_OF_DISTRIBUTION: "image unlike the training data",
+}
+
+
+def who_category(t_score: float) -> str:
+    """WHO band of a DXA T-score: normal >= -1.0, osteoporosis <= -2.5, osteopenia between."""
+    if t_score >= -1.0:
+        return "normal"
+    if t_score <= -2.5:
+        return "osteoporosis"
+    return "osteopenia"
+
+
+def severity(category: str | None) -> int:
+    """Order categories so that the study finding is the worst site (-1 for not assessable)."""
+    return -1 if category is None else CLASSES.index(category)
+
+
+@dataclass
+class SiteLocation:
+    """Where a site lies in the source image, in source pixel coordinates (rows, columns)."""
+
+    site: str
+    box: tuple[int, int, int, int]  # row0, col0, row1, col1 (exclusive ends)
+    confidence: float
+
+
+@dataclass
+class SiteFinding:
+    """The model's answer for one site of one source image."""
+
+    site: str
+    source_sop_instance_uid: str
+    source_sop_class_uid: str
+    assessable: bool
+    category: str | None = None
+    probabilities: dict[str, float] | None = None
+    t_score: float | None = None
+    reason: str | None = None
+    box: tuple[int, int, int, int] | None = None
+    confidence: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "site": self.site,
+            "class": self.category,
+            "probabilities": self.probabilities,
+            "t_score": None if self.t_score is None else round(float(self.t_score), 2),
+            "assessable": self.assessable,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class ImageResult:
+    """Everything the pipeline learned from one source image."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    assessable: bool
+    reason: str | None = None
+    sites: list[SiteFinding] = field(default_factory=list)
+    # Display-ready radiograph (float32 in [0, 1], bone bright) and the Grad-CAM map on the same grid,
+    # kept for the heatmap Secondary Capture; not persisted.
+    display: object | None = None
+    heatmap: object | None = None
+    display_scale: float = 1.0  # display pixels per source pixel
+
+
+@dataclass
+class ModelInfo:
+    """Identity of the algorithm, written into every result object (TID 4019)."""
+
+    name: str
+    version: str
+    checksum: str  # sha256 of the checkpoint file
+    description: str = (
+        "Research model trained only on synthetic phantoms; not validated on patients; "
+        "not for diagnostic use."
+    )
+
+
+def worst_site(findings: list[SiteFinding]) -> SiteFinding | None:
+    """The study-level finding: the assessable site with the worst category, lowest T-score first."""
+    scored = [f for f in findings if f.assessable and f.category is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda f: (severity(f.category), -(f.t_score if f.t_score is not None else 0.0)))

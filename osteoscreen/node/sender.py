@@ -1,0 +1,69 @@
+"""The Storage SCU: send files to a peer, one association per batch, a status per file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from ..config import Destination
+
+# C-STORE warning statuses mean the peer stored the object (PS3.4 B.2.3).
+WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
+
+
+@dataclass
+class SendResult:
+    path: Path
+    ok: bool
+    status: int | None
+    error: str | None
+
+
+def echo(destination: Destination, ae_title: str = "OSTEOSCREEN", timeout: float = 10) -> bool:
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def send_files(destination: Destination, paths: list[Path], ae_title: str = "OSTEOSCREEN",
+               timeout: float = 30) -> list[SendResult]:
+    """Send each file; a failed association fails every file with the reason."""
+    headers = [(Path(p), dcmread(p, stop_before_pixels=True)) for p in paths]
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in headers}
+    for sop_class in sorted({c for c, _ in contexts}):
+        syntaxes = sorted({t for c, t in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+        ae.add_requested_context(sop_class, syntaxes)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except (OSError, RuntimeError) as exc:
+        return [SendResult(p, False, None, f"association failed: {exc}") for p, _ in headers]
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
+        return [SendResult(p, False, None, f"{reason} ({destination})") for p, _ in headers]
+    results = []
+    try:
+        for path, _ in headers:
+            if not assoc.is_established:
+                results.append(SendResult(path, False, None, "association lost"))
+                continue
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None) if status else None
+            ok = code == 0 or code in WARNING_STATUSES
+            results.append(SendResult(path, ok, code, None if ok else
+                                      (f"C-STORE status 0x{code:04X}" if code is not None else "no response")))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results

@@ -1,0 +1,126 @@
+"""The screening database: SQLAlchemy 2 typed ORM, the same schema on SQLite and PostgreSQL.
+
+The database is the bookkeeper between roles: the listener writes instances and studies, the scheduler
+turns quiet studies into jobs, the worker writes findings and deliveries, the dispatcher sends.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    patient_age_years: Mapped[float | None] = mapped_column(Float)
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_bmi: Mapped[float | None] = mapped_column(Float)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    # receiving → queued → screened | failed; back to receiving when a late image arrives
+    status: Mapped[str] = mapped_column(String(16), default="receiving")
+    # the previous SR this study's next report must reference as its predecessor
+    last_report_uid: Mapped[str | None] = mapped_column(String(64))
+    last_report_path: Mapped[str | None] = mapped_column(Text)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime)
+    instances: Mapped[list["Instance"]] = relationship(back_populates="study")
+    findings: Mapped[list["Finding"]] = relationship(back_populates="study")
+    __table_args__ = (Index("ix_studies_status_last", "status", "last_received_at"),)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    region: Mapped[str | None] = mapped_column(String(16))  # hip | lumbar
+    view: Mapped[str | None] = mapped_column(String(8))  # ap | lat
+    eligible: Mapped[bool] = mapped_column(Boolean, default=False)
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    __table_args__ = (Index("ix_jobs_state", "state", "lease_expires_at"),)
+
+
+class Finding(Base):
+    __tablename__ = "findings"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    site: Mapped[str] = mapped_column(String(16))
+    assessable: Mapped[bool] = mapped_column(Boolean)
+    category: Mapped[str | None] = mapped_column(String(16))
+    probabilities: Mapped[dict | None] = mapped_column(JSON)
+    t_score: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    study: Mapped[Study] = relationship(back_populates="findings")
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # sr | heatmap
+    path: Mapped[str] = mapped_column(Text)
+    destination: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|delivered|dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),
+                      Index("ux_delivery_object_dest", "sop_instance_uid", "destination", unique=True))
+
+
+class AuditEvent(Base):
+    """PHI-free trail: who sent what, what was returned. Identifiers are UIDs, never names or IDs."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    peer: Mapped[str | None] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,185 @@
+"""The work queue and its bookkeeping, written once for SQLite and PostgreSQL.
+
+Every state change is a conditional UPDATE (``… WHERE state = <expected>``) whose row count says
+whether this process won; on PostgreSQL the candidate row is also locked with
+``FOR UPDATE SKIP LOCKED`` so that several workers never wait on each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import AuditEvent, Delivery, Finding, Instance, Job, Study, utcnow
+
+
+@dataclass
+class InstanceMeta:
+    """What the listener read from an instance header (no pixel data)."""
+
+    study_uid: str
+    series_uid: str | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str | None
+    modality: str | None
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    age_years: float | None
+    sex: str | None
+    bmi: float | None
+    region: str | None
+    view: str | None
+    eligible: bool
+    skip_reason: str | None
+
+
+def record_instance(session: Session, meta: InstanceMeta, path: str, calling_ae: str | None) -> tuple[Instance, bool]:
+    """Record a received instance; returns (instance, is_new). A re-sent SOP instance is not new."""
+    study = session.scalar(select(Study).where(Study.study_uid == meta.study_uid))
+    now = utcnow()
+    if study is None:
+        study = Study(study_uid=meta.study_uid, patient_id=meta.patient_id, patient_name=meta.patient_name,
+                      accession_number=meta.accession_number, study_date=meta.study_date,
+                      patient_age_years=meta.age_years, patient_sex=meta.sex, patient_bmi=meta.bmi,
+                      calling_ae=calling_ae, status="receiving", first_received_at=now, last_received_at=now)
+        session.add(study)
+        session.flush()
+    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
+    if existing is not None:
+        return existing, False
+    inst = Instance(study_id=study.id, sop_instance_uid=meta.sop_instance_uid, series_uid=meta.series_uid,
+                    sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
+                    modality=meta.modality, path=path, region=meta.region, view=meta.view,
+                    eligible=meta.eligible, skip_reason=meta.skip_reason, received_at=now)
+    session.add(inst)
+    # A new image re-opens the study: after it settles again it is re-reported (predecessor referenced).
+    study.last_received_at = now
+    study.status = "receiving"
+    return inst, True
+
+
+def audit(session: Session, event: str, *, peer: str | None = None, study_uid: str | None = None,
+          sop_instance_uid: str | None = None, detail: str | None = None) -> None:
+    session.add(AuditEvent(event=event, peer=peer, study_uid=study_uid, sop_instance_uid=sop_instance_uid,
+                           detail=detail))
+
+
+def settle_studies(session: Session, settle_seconds: float, now: datetime | None = None) -> list[int]:
+    """Queue a job for each study quiet for settle_seconds; studies with nothing eligible are 'skipped'.
+    Returns the ids of the jobs created."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settle_seconds)
+    candidates = session.scalars(select(Study.id).where(Study.status == "receiving",
+                                                        Study.last_received_at <= cutoff)).all()
+    created = []
+    for study_id in candidates:
+        eligible = session.scalar(select(func.count(Instance.id)).where(Instance.study_id == study_id,
+                                                                         Instance.eligible.is_(True)))
+        new_status = "queued" if eligible else "skipped"
+        won = session.execute(update(Study).where(Study.id == study_id, Study.status == "receiving",
+                                                  Study.last_received_at <= cutoff)
+                              .values(status=new_status)).rowcount
+        if won and eligible:
+            job = Job(study_id=study_id, state="queued")
+            session.add(job)
+            session.flush()
+            created.append(job.id)
+    session.commit()
+    return created
+
+
+def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
+    """Claim the oldest queued job, or one whose lease expired (its worker died)."""
+    now = utcnow()
+    claimable = or_(Job.state == "queued", (Job.state == "running") & (Job.lease_expires_at < now))
+    candidate = session.scalar(select(Job.id).where(claimable, Job.attempts < max_attempts)
+                               .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
+    if candidate is None:
+        session.rollback()
+        return None
+    won = session.execute(update(Job).where(Job.id == candidate, claimable)
+                          .values(state="running", lease_owner=owner, attempts=Job.attempts + 1,
+                                  lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
+    session.commit()
+    if not won:
+        return None
+    return session.get(Job, candidate)
+
+
+def renew_lease(session: Session, job_id: int, owner: str, lease_seconds: float) -> bool:
+    won = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                          .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))).rowcount
+    session.commit()
+    return bool(won)
+
+
+def fail_job(session: Session, job_id: int, owner: str, error: str, max_attempts: int) -> str:
+    """Return the job to the queue, or set it aside as failed after max_attempts. Returns the new state."""
+    job = session.get(Job, job_id)
+    state = "failed" if job.attempts >= max_attempts else "queued"
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                    .values(state=state, error=error[:4000], lease_owner=None, lease_expires_at=None))
+    if state == "failed":
+        session.execute(update(Study).where(Study.id == job.study_id).values(status="failed"))
+    session.commit()
+    return state
+
+
+def mark_orphaned_jobs_failed(session: Session, max_attempts: int) -> int:
+    """Jobs whose lease expired after their last allowed attempt will never be claimed: set them aside."""
+    now = utcnow()
+    stuck = session.scalars(select(Job).where(Job.state == "running", Job.lease_expires_at < now,
+                                              Job.attempts >= max_attempts)).all()
+    for job in stuck:
+        job.state, job.error = "failed", (job.error or "") + " lease expired on last attempt"
+        session.execute(update(Study).where(Study.id == job.study_id).values(status="failed"))
+    session.commit()
+    return len(stuck)
+
+
+def complete_job(session: Session, job_id: int, owner: str, findings: list[Finding],
+                 deliveries: list[Delivery], report_uid: str | None, report_path: str | None) -> bool:
+    """Write results and deliveries in the same transaction that completes the job."""
+    won = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                          .values(state="done", finished_at=utcnow(), error=None)).rowcount
+    if not won:  # our lease was lost and another worker owns the job now
+        session.rollback()
+        return False
+    job = session.get(Job, job_id)
+    session.add_all(findings)
+    for d in deliveries:  # deterministic object UIDs: a re-run re-queues rather than duplicates
+        prior = session.scalar(select(Delivery).where(Delivery.sop_instance_uid == d.sop_instance_uid,
+                                                      Delivery.destination == d.destination))
+        if prior is None:
+            session.add(d)
+        elif prior.state != "delivered":
+            prior.path, prior.state, prior.next_attempt_at = d.path, "pending", utcnow()
+    # Only close the study if no new image re-opened it while we worked.
+    session.execute(update(Study).where(Study.id == job.study_id, Study.status == "queued")
+                    .values(status="screened"))
+    session.execute(update(Study).where(Study.id == job.study_id)
+                    .values(reported_at=utcnow(), last_report_uid=report_uid, last_report_path=report_path))
+    session.commit()
+    return True
+
+
+def claim_deliveries(session: Session, owner_lease_seconds: float, limit: int = 16) -> list[Delivery]:
+    """Claim due deliveries (pending and due, or 'sending' whose sender died)."""
+    now = utcnow()
+    due = or_((Delivery.state == "pending") & (Delivery.next_attempt_at <= now),
+              (Delivery.state == "sending") & (Delivery.lease_expires_at < now))
+    ids = session.scalars(select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
+                          .with_for_update(skip_locked=True)).all()
+    claimed = []
+    for did in ids:
+        won = session.execute(update(Delivery).where(Delivery.id == did, due).values(
+            state="sending", lease_expires_at=now + timedelta(seconds=owner_lease_seconds))).rowcount
+        if won:
+            claimed.append(did)
+    session.commit()
+    return [session.get(Delivery, d) for d in claimed]

@@ -1,0 +1,113 @@
+"""Turn a manifest of DICOM files with DXA (or phantom) T-scores into site crops for training.
+
+Crops are made by the same code the node runs (decode → locate → crop), so the model is trained on
+exactly what it will see. The manifest needs `path` and at least one of `left_hip_t_score`,
+`right_hip_t_score`, `lumbar_spine_t_score`; `kind` (hip|lumbar) and `view` (ap|lat) are read from the
+header by the routing rules when absent; `study_instance_uid` keeps a study's images in one split.
+"""
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from tqdm import tqdm
+
+from ..config import Routing
+from ..findings import CLASSES, who_category
+from ..node.routing import classify
+from ..pipeline.covariates import read_covariates
+from ..pipeline.crops import square_crop, site_type
+from ..pipeline.dicom_io import UnreadablePixels, load_radiograph
+from ..pipeline.localize import locate_sites
+from ..pipeline.screen import EXPECTED_SITES, MIN_LOCALISATION_CONFIDENCE, patient_left_on_image_right
+
+
+@dataclass
+class Samples:
+    crops: np.ndarray  # N×S×S raw [0,1]
+    covariates: np.ndarray  # N×7
+    site_types: np.ndarray  # N
+    t_scores: np.ndarray  # N
+    labels: np.ndarray  # N (index into CLASSES)
+    groups: np.ndarray  # N study identifiers (str)
+    sites: np.ndarray  # N site names
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, **self.__dict__)
+
+    @classmethod
+    def load(cls, path: Path) -> "Samples":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(**{k: z[k] for k in z.files})
+
+    def subset(self, idx: np.ndarray) -> "Samples":
+        return Samples(**{k: v[idx] for k, v in self.__dict__.items()})
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _region_view(row: dict, ds) -> tuple[str | None, str | None]:
+    kind, view = (row.get("kind") or "").strip(), (row.get("view") or "").strip()
+    if kind in ("hip", "lumbar") and view in ("ap", "lat"):
+        return kind, view
+    decision = classify(ds, Routing())
+    return decision.region, decision.view
+
+
+def _samples_from_row(args) -> tuple[list[tuple], str | None]:
+    """Crops of one manifest row; returns (samples, problem)."""
+    row, base = args
+    path = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
+    try:
+        ds = dcmread(path)
+        rad = load_radiograph(ds)
+    except (OSError, UnreadablePixels, ValueError) as exc:
+        return [], f"{path.name}: {exc}"
+    region, view = _region_view(row, ds)
+    if region is None or view is None:
+        return [], f"{path.name}: region/view unknown"
+    truth = {s: row.get(f"{s}_t_score", "").strip() for s in EXPECTED_SITES[region]}
+    truth = {s: float(v) for s, v in truth.items() if v}
+    if not truth:
+        return [], None
+    located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, region, view,
+                                                     patient_left_on_image_right=patient_left_on_image_right(ds))}
+    cov = read_covariates(ds).vector()
+    group = row.get("study_instance_uid") or str(ds.get("StudyInstanceUID", path))
+    out, missed = [], []
+    for site, t in truth.items():
+        loc = located.get(site)
+        if loc is None or loc.confidence < MIN_LOCALISATION_CONFIDENCE:
+            missed.append(site)
+            continue
+        crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
+        out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site))
+    return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
+
+
+def extract_samples(manifest: Path, progress: bool = True, workers: int = 2) -> tuple[Samples, list[str]]:
+    with open(manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "path" not in rows[0]:
+        raise ValueError(f"{manifest} must be a CSV with a 'path' column")
+    base = manifest.resolve().parent
+    collected, problems = [], []
+    jobs = [(row, base) for row in rows]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for samples, problem in tqdm(pool.map(_samples_from_row, jobs, chunksize=4), total=len(jobs),
+                                     desc="extracting site crops", disable=not progress):
+            collected.extend(samples)
+            if problem:
+                problems.append(problem)
+    if not collected:
+        raise ValueError(f"no usable site crops in {manifest} ({len(problems)} problems)")
+    cols = list(zip(*collected))
+    return Samples(crops=np.stack(cols[0]).astype(np.float32), covariates=np.array(cols[1], dtype=np.float32),
+                   site_types=np.array(cols[2], dtype=np.int64), t_scores=np.array(cols[3], dtype=np.float32),
+                   labels=np.array(cols[4], dtype=np.int64), groups=np.array(cols[5]),
+                   sites=np.array(cols[6])), problems

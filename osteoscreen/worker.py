@@ -1,0 +1,123 @@
+"""The worker role: claim a job, screen its study, write the result objects and their deliveries.
+
+Results, deliveries and the job's completion are committed in one transaction; result objects have
+deterministic UIDs, so a job re-run after a crash rewrites the same objects instead of new ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from .config import Settings
+from .model.inference import LoadedModel
+from .pipeline.screen import StudyImage, screen_study
+from .reports.heatmap import build_heatmap
+from .reports.sr import build_sr
+from .store import queue
+from .store.db import Database
+from .store.models import Delivery, Finding, Instance, Job, Study
+from .store.spool import Spool
+
+log = logging.getLogger("osteoscreen.worker")
+
+
+class Worker:
+    def __init__(self, settings: Settings, db: Database, model: LoadedModel | None = None):
+        self.settings = settings
+        self.db = db
+        self.outbox = Spool(settings.outbox_dir)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._model = model
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:  # loaded once per process, kept warm
+            self._model = LoadedModel(self.settings.model_path, self.settings.device)
+            log.info("model %s %s on %s", self._model.info.name, self._model.info.version, self._model.device)
+        return self._model
+
+    # -- loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.model  # fail at start-up, not on the first study
+        self._thread = threading.Thread(target=self.run_forever, name="worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # the loop must survive anything a job throws
+                log.exception("worker loop error")
+                worked = False
+            if not worked:
+                self._stop.wait(self.settings.poll_seconds)
+
+    def run_once(self) -> bool:
+        s = self.settings
+        with self.db.session() as session:
+            job = queue.claim_job(session, self.owner, s.lease_seconds, s.job_max_attempts)
+        if job is None:
+            return False
+        try:
+            self.process(job)
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            with self.db.session() as session:
+                state = queue.fail_job(session, job.id, self.owner, f"{type(exc).__name__}: {exc}", s.job_max_attempts)
+            log.warning("job %d is %s after attempt %d", job.id, state, job.attempts)
+        return True
+
+    # -- one study -------------------------------------------------------------------------
+    def process(self, job: Job) -> None:
+        with self.db.session() as session:
+            study = session.get(Study, job.study_id)
+            instances = session.scalars(select(Instance).where(Instance.study_id == study.id,
+                                                               Instance.eligible.is_(True))
+                                        .order_by(Instance.id)).all()
+        images = [StudyImage(dcmread(inst.path), inst.region, inst.view) for inst in instances]
+        results = screen_study(images, self.model, heatmaps=self.settings.output.heatmaps)
+        info = self.model.info
+        site_findings = [f for r in results for f in r.sites]
+        predecessor = None
+        if study.last_report_path and Path(study.last_report_path).is_file():
+            predecessor = dcmread(study.last_report_path, stop_before_pixels=True)
+        out = self.settings.output
+        sr = build_sr([im.dataset for im in images], site_findings, info, series_number=out.series_number_sr,
+                      series_description=out.series_description_sr, predecessor=predecessor)
+        objects = [("sr", sr)]
+        for image, result in zip(images, results):
+            if result.display is not None:
+                objects.append(("heatmap", build_heatmap(
+                    image.dataset, result.display, result.heatmap, result.sites, info,
+                    display_scale=result.display_scale, series_number=out.series_number_heatmap,
+                    series_description=out.series_description_heatmap)))
+        written = [(kind, str(ds.SOPInstanceUID), self.outbox.write_dataset(ds)) for kind, ds in objects]
+        findings = [Finding(study_id=study.id, job_id=job.id, sop_instance_uid=f.source_sop_instance_uid,
+                            site=f.site, assessable=f.assessable, category=f.category,
+                            probabilities=f.probabilities, t_score=f.t_score, reason=f.reason,
+                            model_name=info.name, model_version=info.version) for f in site_findings]
+        deliveries = [Delivery(study_id=study.id, sop_instance_uid=uid, kind=kind, path=str(path),
+                               destination=str(dest)) for kind, uid, path in written
+                      for dest in self.settings.destinations]
+        sr_uid, sr_path = written[0][1], str(written[0][2])
+        with self.db.session() as session:
+            done = queue.complete_job(session, job.id, self.owner, findings, deliveries, sr_uid, sr_path)
+            queue.audit(session, "reported" if done else "lease_lost", study_uid=study.study_uid,
+                        sop_instance_uid=sr_uid, detail=f"{len(site_findings)} site findings")
+            session.commit()
+        log.info("study %s screened: %s", study.study_uid,
+                 ", ".join(f"{f.site}={f.category or 'not assessable'}" for f in site_findings) or "no sites")
