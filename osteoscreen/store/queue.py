@@ -100,7 +100,7 @@ def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: 
     candidate = session.scalar(select(Job.id).where(claimable, Job.attempts < max_attempts)
                                .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
     if candidate is None:
-        session.rollback()
+        session.commit()  # end the transaction; a rollback would expire objects the caller holds
         return None
     won = session.execute(update(Job).where(Job.id == candidate, claimable)
                           .values(state="running", lease_owner=owner, attempts=Job.attempts + 1,
