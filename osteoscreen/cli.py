@@ -73,7 +73,11 @@ def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, val_fraction=args.val_fraction, version=args.version)
-    ckpt = train(Path(args.manifest), Path(args.out), cfg, resume=args.resume, progress=not args.quiet)
+    for m in args.manifest + (args.holdout or []):
+        if not Path(m).is_file():
+            raise UsageError(f"no such manifest: {m}")
+    ckpt = train([Path(m) for m in args.manifest], Path(args.out), cfg, resume=args.resume,
+                 progress=not args.quiet, holdout=[Path(h) for h in args.holdout or []])
     print(ckpt)
     return 0
 
@@ -128,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("train", help="train a model from a manifest of DICOM files with T-scores")
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--manifest", required=True, action="append", help="CSV of DICOM paths and T-scores (repeatable)")
+    p.add_argument("--holdout", action="append", help="manifest of an independent hold-out set (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)

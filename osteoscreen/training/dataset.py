@@ -90,14 +90,15 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
 
 
-def extract_samples(manifest: Path, progress: bool = True, workers: int = 2) -> tuple[Samples, list[str]]:
-    with open(manifest, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "path" not in rows[0]:
-        raise ValueError(f"{manifest} must be a CSV with a 'path' column")
-    base = manifest.resolve().parent
+def extract_samples(manifests: list[Path], progress: bool = True, workers: int = 2) -> tuple[Samples, list[str]]:
+    jobs = []
+    for manifest in manifests:
+        with open(manifest, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or "path" not in rows[0]:
+            raise ValueError(f"{manifest} must be a CSV with a 'path' column")
+        jobs += [(row, manifest.resolve().parent) for row in rows]
     collected, problems = [], []
-    jobs = [(row, base) for row in rows]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for samples, problem in tqdm(pool.map(_samples_from_row, jobs, chunksize=4), total=len(jobs),
                                      desc="extracting site crops", disable=not progress):
@@ -105,7 +106,7 @@ def extract_samples(manifest: Path, progress: bool = True, workers: int = 2) -> 
             if problem:
                 problems.append(problem)
     if not collected:
-        raise ValueError(f"no usable site crops in {manifest} ({len(problems)} problems)")
+        raise ValueError(f"no usable site crops in {', '.join(map(str, manifests))} ({len(problems)} problems)")
     cols = list(zip(*collected))
     return Samples(crops=np.stack(cols[0]).astype(np.float32), covariates=np.array(cols[1], dtype=np.float32),
                    site_types=np.array(cols[2], dtype=np.int64), t_scores=np.array(cols[3], dtype=np.float32),

@@ -13,16 +13,39 @@ def _ci(ci) -> str:
     return "" if not ci else f" ({ci[0]:.3f}–{ci[1]:.3f})"
 
 
-def write_model_card(path: Path, ckpt: dict) -> None:
-    m = ckpt["metrics"]
+def _metrics_section(title: str, m: dict) -> str:
     rows = []
     for label, c in m["classes"].items():
         auc = "n/a" if c.get("auc") is None else f"{c['auc']:.3f}{_ci(c.get('auc_ci'))}"
         rows.append(f"| {label} | {c['n_true']} | {_pct(c['sensitivity'])} | {_pct(c['specificity'])} | "
                     f"{_pct(c['ppv'])} | {_pct(c['npv'])} | {auc} |")
     t = m.get("t_score", {})
+    ba = t.get("bland_altman", {})
+    by_type = "".join(f"\n| {k} | {v['n']} | {_pct(v['accuracy'])} | "
+                      f"{'n/a' if v['osteoporosis_auc'] is None else format(v['osteoporosis_auc'], '.3f')} | "
+                      f"{'n/a' if v['t_mae'] is None else format(v['t_mae'], '.3f')} |"
+                      for k, v in m.get("by_site_type", {}).items())
+    return f"""### {title}
+n = {m['n']} site crops; accuracy {_pct(m['accuracy'])}; expected calibration error {m.get('ece', float('nan')):.3f};
+T-score MAE {t.get('mae', float('nan')):.3f}, Pearson r {t.get('pearson_r') or float('nan'):.3f},
+Bland-Altman bias {ba.get('mean_difference', float('nan')):+.3f} (limits {ba.get('loa_lower', float('nan')):+.2f} to {ba.get('loa_upper', float('nan')):+.2f}).
+
+| class (one vs rest) | n | sensitivity | specificity | PPV | NPV | AUC (95 % CI, DeLong) |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+| site type | n | accuracy | osteoporosis AUC | T-score MAE |
+|---|---|---|---|---|{by_type}
+"""
+
+
+def write_model_card(path: Path, ckpt: dict) -> None:
     trained = ckpt["trained_on"]
     cfg = ckpt["train_config"]
+    sections = "\n".join(_metrics_section(
+        "Independent hold-out (phantoms from a seed never used in training)" if name == "holdout"
+        else "Validation split (studies held out of training, same generator seed)", m)
+        for name, m in sorted(ckpt["metrics"].items(), key=lambda kv: kv[0] != "holdout"))
     text = f"""# Model card: {ckpt['name']} {ckpt['version']}
 
 **Intended use: demonstration and software testing only. Not a medical device. Not for diagnosis.**
@@ -43,23 +66,15 @@ covariates joined after pooling, a 3-class head and a T-score head; temperature-
 probabilities (T = {ckpt['temperature']:.3f}); Grad-CAM on the last feature map.
 
 ## Training data
-- Manifest: `{trained['manifest']}`
-- Site crops: {trained['n_train']} for training, {trained['n_val']} held out (split by study, seed {cfg['seed']})
+- Manifests: {', '.join(f'`{m}`' for m in trained['manifests'])}
+- Site crops: {trained['n_train']} for training, {trained['n_val']} for validation (split by study, seed {cfg['seed']})
 - Images the localiser could not use: {trained['extraction_problems']}
 - Epochs {cfg['epochs']}, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, one-cycle schedule; augmentation:
   gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise.
 
-## Hold-out results (synthetic phantoms)
-n = {m['n']} site crops; accuracy {_pct(m['accuracy'])}; expected calibration error {m.get('ece', float('nan')):.3f}
-
-| class | n | sensitivity | specificity | PPV | NPV | AUC (95 % CI, DeLong) |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-T-score: MAE {t.get('mae', float('nan')):.3f}, Pearson r {t.get('pearson_r') or float('nan'):.3f},
-Bland-Altman bias {t.get('bland_altman', {}).get('mean_difference', float('nan')):+.3f}.
-
-Plots: `plots/roc.png`, `plots/calibration.png`, `plots/bland_altman.png` beside this card.
+## Results on synthetic phantoms
+{sections}
+Plots (ROC, calibration, Bland-Altman) are in `plots/` beside the training output.
 
 ## Limitations
 - Synthetic phantoms only: real anatomy, pathology, positioning, implants and scanners differ.

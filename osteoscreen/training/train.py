@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..findings import CLASSES
 from ..model.inference import pick_device
 from ..model.network import OsteoNet
+from ..pipeline.crops import SITE_TYPES
 from .dataset import Samples, extract_samples
 from .evaluate import evaluate_arrays, write_plots
 from .modelcard import write_model_card
@@ -110,18 +111,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.exp().clamp(0.05, 20.0))
 
 
-def train(manifest: Path, out: Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          samples: Samples | None = None) -> Path:
+def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          holdout: list[Path] | None = None) -> Path:
+    """Train on `manifests`; report on the validation split and, if given, an independent hold-out."""
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     cache = out / "samples.npz"
     problems: list[str] = []
-    if samples is None:
-        if resume and cache.is_file():
-            samples = Samples.load(cache)
-        else:
-            samples, problems = extract_samples(manifest, progress=progress)
-            samples.save(cache)
+    if resume and cache.is_file():
+        samples = Samples.load(cache)
+    else:
+        samples, problems = extract_samples(manifests, progress=progress)
+        samples.save(cache)
     train_idx, val_idx = split_by_group(samples.groups, cfg.val_fraction, cfg.seed)
     tr, va = samples.subset(train_idx), samples.subset(val_idx)
     device = pick_device(cfg.device)
@@ -165,20 +166,17 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, resume: bool = False, pro
             tqdm.write(f"epoch {epoch + 1}: loss {total / len(tr):.4f}  val accuracy {val_acc:.3f}  val T MAE {val_mae:.3f}")
         torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": gen.get_state(), "epoch": epoch, "history": history}, last)
-    vl, vt = predict_logits(net, va, device)
+    vl, _ = predict_logits(net, va, device)
     temperature = fit_temperature(vl, torch.from_numpy(va.labels))
-    probs = torch.softmax(vl / temperature, 1).numpy()
-    pred_t = vt.numpy() * t_std + t_mean
-    pred_class = [CLASSES[i] for i in probs.argmax(1)]
-    true_class = [CLASSES[i] for i in va.labels]
-    metrics = evaluate_arrays(true_class, pred_class, probs, va.t_scores.astype(float), pred_t.astype(float))
-    _write_predictions(out / "val_predictions.csv", va, probs, pred_class, pred_t)
-    write_plots({"true_class": true_class, "probs": probs, "true_t": va.t_scores.astype(float),
-                 "predicted_t": pred_t.astype(float)}, out / "plots")
+    metrics = {"validation": _report(net, va, device, temperature, t_mean, t_std, out, "validation")}
+    if holdout:
+        held, _ = extract_samples(holdout, progress=progress)
+        metrics["holdout"] = _report(net, held, device, temperature, t_mean, t_std, out, "holdout")
     ckpt = {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "arch": net.arch, "name": cfg.name,
             "version": cfg.version, "temperature": temperature, "t_score_mean": t_mean, "t_score_std": t_std,
             "metrics": metrics, "history": history, "train_config": asdict(cfg),
-            "trained_on": {"manifest": str(manifest), "n_train": len(tr), "n_val": len(va),
+            "trained_on": {"manifests": [str(m) for m in manifests], "holdout": [str(h) for h in holdout or []],
+                           "n_train": len(tr), "n_val": len(va),
                            "extraction_problems": len(problems)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     model_path = out / "model.pt"
@@ -186,6 +184,29 @@ def train(manifest: Path, out: Path, cfg: TrainConfig, resume: bool = False, pro
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_model_card(out / "model_card.md", ckpt)
     return model_path
+
+
+def _report(net, s: Samples, device, temperature, t_mean, t_std, out: Path, name: str) -> dict:
+    """Metrics, predictions CSV and plots for one evaluation set."""
+    logits, t_norm = predict_logits(net, s, device)
+    probs = torch.softmax(logits / temperature, 1).numpy()
+    pred_t = (t_norm.numpy() * t_std + t_mean).astype(float)
+    pred_class = [CLASSES[i] for i in probs.argmax(1)]
+    true_class = [CLASSES[i] for i in s.labels]
+    _write_predictions(out / f"{name}_predictions.csv", s, probs, pred_class, pred_t)
+    write_plots({"true_class": true_class, "probs": probs, "true_t": s.t_scores.astype(float),
+                 "predicted_t": pred_t}, out / "plots" / name)
+    report = evaluate_arrays(true_class, pred_class, probs, s.t_scores.astype(float), pred_t)
+    report["by_site_type"] = {}
+    for i, st in enumerate(SITE_TYPES):
+        m = s.site_types == i
+        if m.sum() >= 10 and len(set(s.labels[m])) > 1:
+            sub = evaluate_arrays([true_class[k] for k in np.where(m)[0]], [pred_class[k] for k in np.where(m)[0]],
+                                  probs[m], s.t_scores[m].astype(float), pred_t[m])
+            report["by_site_type"][st] = {"n": sub["n"], "accuracy": sub["accuracy"],
+                                          "osteoporosis_auc": sub["classes"]["osteoporosis"].get("auc"),
+                                          "t_mae": sub.get("t_score", {}).get("mae")}
+    return report
 
 
 def _write_predictions(path: Path, s: Samples, probs, pred_class, pred_t) -> None:
