@@ -36,7 +36,7 @@ USE-LIMITATION        Use limitation (TEXT): synthetic-phantom training, not for
 """
 from __future__ import annotations
 
-from highdicom.sr import CodingSchemeIdentificationItem
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
 
 from ..findings import (
@@ -56,7 +56,7 @@ PRIVATE_SCHEME_VERSION = "1"
 
 def _private(value: str, meaning: str) -> Code:
     """A code of the private 99OSTEOSCREEN scheme."""
-    return Code(value, PRIVATE_SCHEME, meaning, PRIVATE_SCHEME_VERSION)
+    return Code(value, PRIVATE_SCHEME, meaning)
 
 
 def coding_scheme_identification() -> CodingSchemeIdentificationItem:
@@ -121,6 +121,9 @@ STUDY_CATEGORY = _private("STUDY-CATEGORY", "Worst-site bone density category")
 NOT_ASSESSABLE = _private("NOT-ASSESSABLE", "Not assessable")
 STUDY_SUMMARY = _private("STUDY-SUMMARY", "Study summary")
 USE_LIMITATION = _private("USE-LIMITATION", "Use limitation")
+
+# The statement every result object carries as text (SR and burned into the heatmap).
+DISCLAIMER = "Synthetic-phantom research model - NOT FOR DIAGNOSTIC USE"
 
 
 def reason_code(reason: str) -> Code:

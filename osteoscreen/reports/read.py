@@ -1,0 +1,72 @@
+"""Read osteoscreen's own SR (see ``sr.py``) back into SiteFindings."""
+from __future__ import annotations
+
+import pydicom
+from pydicom.sr.coding import Code
+
+from ..findings import SiteFinding
+from . import codes
+
+_IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+_MEASUREMENT_GROUP = Code("125007", "DCM", "Measurement Group")
+_TRACKING_IDENTIFIER = Code("112039", "DCM", "Tracking Identifier")
+
+_CATEGORY_BY_CODE = {(c.scheme_designator, c.value): cls for cls, c in codes.CATEGORY_CODES.items()}
+_REASON_BY_CODE = {(c.scheme_designator, c.value): reason for reason, c in codes.REASON_CODES.items()}
+
+
+def _key(code_item: pydicom.Dataset) -> tuple[str, str]:
+    """(scheme, value) of a code sequence item."""
+    value = code_item.get("CodeValue") or code_item.get("LongCodeValue") or code_item.get("URNCodeValue")
+    return str(code_item.CodingSchemeDesignator), str(value)
+
+
+def _is(item: pydicom.Dataset, code: Code) -> bool:
+    """Whether a content item's concept name is `code`."""
+    names = item.get("ConceptNameCodeSequence")
+    return bool(names) and _key(names[0]) == (code.scheme_designator, code.value)
+
+
+def _children(item: pydicom.Dataset, code: Code) -> list[pydicom.Dataset]:
+    """Direct child content items named `code`."""
+    return [child for child in item.get("ContentSequence", []) if _is(child, code)]
+
+
+def _number(item: pydicom.Dataset) -> float:
+    """Value of a NUM content item, preferring the exact FloatingPointValue."""
+    measured = item.MeasuredValueSequence[0]
+    value = measured.get("FloatingPointValue")
+    return float(value if value is not None else measured.NumericValue)
+
+
+def _code_value(item: pydicom.Dataset) -> tuple[str, str]:
+    """(scheme, value) of a CODE content item's value."""
+    return _key(item.ConceptCodeSequence[0])
+
+
+def _finding(group: pydicom.Dataset) -> SiteFinding:
+    """One measurement group back into a SiteFinding."""
+    site = str(_children(group, _TRACKING_IDENTIFIER)[0].TextValue)
+    image = next(child for child in group.ContentSequence if child.ValueType == "IMAGE")
+    reference = image.ReferencedSOPSequence[0]
+    finding = SiteFinding(site=site, source_sop_instance_uid=str(reference.ReferencedSOPInstanceUID),
+                          source_sop_class_uid=str(reference.ReferencedSOPClassUID), assessable=True)
+    for item in _children(group, codes.BONE_DENSITY_CATEGORY):
+        finding.category = _CATEGORY_BY_CODE[_code_value(item)]
+    for item in _children(group, codes.NOT_ASSESSABLE_REASON):
+        finding.assessable = False
+        finding.reason = _REASON_BY_CODE.get(_code_value(item))
+    for item in _children(group, codes.ESTIMATED_T_SCORE):
+        finding.t_score = _number(item)
+    probabilities = {cls: _number(items[0]) for cls, code in codes.PROBABILITY_CODES.items()
+                     if (items := _children(group, code))}
+    finding.probabilities = probabilities or None
+    return finding
+
+
+def read_sr(ds: pydicom.Dataset) -> list[SiteFinding]:
+    """The site findings of an osteoscreen SR, in document order (boxes are not stored)."""
+    groups = [group
+              for container in _children(ds, _IMAGING_MEASUREMENTS)
+              for group in _children(container, _MEASUREMENT_GROUP)]
+    return [_finding(group) for group in groups]
