@@ -96,6 +96,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    if not args.verbose:  # the demo prints its own story; node chatter only with -v
+        logging.getLogger("osteoscreen").setLevel(logging.WARNING)
     return run_demo(Path(args.workdir))
 
 
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    for noisy in ("highdicom", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a skipped overlapping tick is normal
     try:
         return args.func(args)
     except (ConfigError, UsageError) as exc:

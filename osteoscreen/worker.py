@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydicom import dcmread
@@ -73,13 +74,33 @@ class Worker:
         if job is None:
             return False
         try:
-            self.process(job)
+            with self._heartbeat(job.id):
+                self.process(job)
         except Exception as exc:
             log.exception("job %d failed", job.id)
             with self.db.session() as session:
                 state = queue.fail_job(session, job.id, self.owner, f"{type(exc).__name__}: {exc}", s.job_max_attempts)
             log.warning("job %d is %s after attempt %d", job.id, state, job.attempts)
         return True
+
+    @contextmanager
+    def _heartbeat(self, job_id: int):
+        """Renew the job's lease while we work, so a slow study is not taken over by another worker."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.settings.lease_seconds / 3):
+                with self.db.session() as session:
+                    if not queue.renew_lease(session, job_id, self.owner, self.settings.lease_seconds):
+                        return
+
+        thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
 
     # -- one study -------------------------------------------------------------------------
     def process(self, job: Job) -> None:

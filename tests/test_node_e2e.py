@@ -206,7 +206,7 @@ def test_killed_right_after_success_loses_nothing(tmp_path, peer):
 
 
 def test_compressed_transfer_syntaxes_over_the_network(tmp_path, peer, node):
-    """A JPEG 2000 and a JPEG-LS pelvis, sent as-is (storescu -R proposes the file's own syntax)."""
+    """A JPEG 2000 and a JPEG-LS pelvis, sent as-is (storescu proposes the compressed syntax)."""
     require_tool("dcmcjpls")
     j2k_files, j2k = write_study("hip", tmp_path / "j2k", seed=15)
     ds = dcmread(j2k_files[0])
@@ -214,8 +214,9 @@ def test_compressed_transfer_syntaxes_over_the_network(tmp_path, peer, node):
     ds.save_as(j2k_files[0], enforce_file_format=True)
     jls_files, jls = write_study("hip", tmp_path / "jls", seed=16)
     subprocess.run(["dcmcjpls", str(jls_files[0]), str(jls_files[0]) + ".jls"], check=True)
-    sent = storescu(node.port, [j2k_files[0], Path(str(jls_files[0]) + ".jls")], "-R")
-    assert sent.returncode == 0, sent.stderr
+    for path, option in ((j2k_files[0], "--propose-j2k-lossless"), (Path(str(jls_files[0]) + ".jls"), "--propose-jls-lossless")):
+        sent = storescu(node.port, [path], option)
+        assert sent.returncode == 0, sent.stderr
     assert wait_for(lambda: len(peer.objects()) >= 4, 120), node.log.read_text()[-3000:]
     for study in (j2k, jls):
         res = results_for(peer, str(study[0].dataset.StudyInstanceUID))

@@ -1,0 +1,252 @@
+"""Find the screening sites: both proximal femurs on a pelvis AP, L1–L4 on a lumbar AP or lateral.
+
+Classical atlas registration, no learning. The atlas is the mean of a few phantoms without pose
+(`synth.phantoms.mean_anatomy`), built once per process. Image and atlas are brought to 2 mm pixels
+and locally contrast-normalised (minus a 12 mm Gaussian mean, divided by the local standard
+deviation), which removes exposure, gain, offset, soft-tissue thickness and most of a gamma. Each site
+template (the site's truth landmarks plus a margin of context) is then matched by normalised
+cross-correlation: an exhaustive search over scale (0.84–1.28) and rotation (±5°) at 4 mm, refined at
+2 mm. The refined correlation is the confidence (mapped linearly to [0, 1]); boxes are the atlas
+landmarks carried through the found similarity transform, in the input image's pixel coordinates.
+
+Hips are searched on their own side of the image (the patient's right on the image's left unless
+`patient_left_on_image_right` is False). Lateral lumbar views are tried facing both ways.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage
+from scipy import fft as sp_fft
+
+from ..findings import SiteLocation
+
+WORK_MM = 2.0
+COARSE = 2  # the exhaustive search runs at COARSE * WORK_MM
+SCALES = tuple(float(s) for s in np.exp(np.linspace(math.log(0.84), math.log(1.28), 6)))
+ANGLES = (-5.0, 0.0, 5.0)
+FINE_SCALES = (0.96, 1.0, 1.04)
+FINE_ANGLES = (-2.5, 0.0, 2.5)
+CONTEXT_MM = 24.0  # atlas margin around a site's landmarks
+NORMALISE_SIGMA_MM = 12.0
+SMOOTH_MM = 2.0
+NCC_FLOOR, NCC_GOOD = 0.30, 0.60  # correlation mapped to confidence 0 and 1
+PAD_FRACTION = 0.35  # how far (of a template's size) a site may hang over the image edge
+HIP_SIDE_FRACTION = 0.62  # a hip is searched in this fraction of the width on its side
+PAIR_OK, PAIR_SLACK = 0.10, 0.15  # femur pair geometry error that costs nothing / everything
+
+
+@dataclass(frozen=True)
+class _Template:
+    pixels: np.ndarray  # normalised atlas patch at WORK_MM
+    points: np.ndarray  # (N, 2) landmark rows, cols in the patch's pixels
+    origin: np.ndarray  # the patch's top-left in atlas pixels
+
+
+@dataclass
+class _Match:
+    ncc: float
+    points: np.ndarray | None  # landmarks in the searched image's pixels
+    scale: float
+    angle: float  # degrees
+
+
+def _resample(image: np.ndarray, spacing_mm: tuple[float, float], target_mm: float) -> np.ndarray:
+    """Area-average to `target_mm` pixels: integer block means, then a small linear zoom."""
+    img = np.asarray(image, dtype=np.float32)
+    blocks = [max(1, int(target_mm / s)) for s in spacing_mm]
+    rows, cols = (img.shape[0] // blocks[0]) * blocks[0], (img.shape[1] // blocks[1]) * blocks[1]
+    img = img[:rows, :cols].reshape(rows // blocks[0], blocks[0], cols // blocks[1], blocks[1]).mean(axis=(1, 3))
+    zoom = [s * b / target_mm for s, b in zip(spacing_mm, blocks)]
+    return ndimage.zoom(img, zoom, order=1) if any(abs(z - 1) > 1e-3 for z in zoom) else img
+
+
+def _normalise(img: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """Local contrast normalisation: invariant to offset, gain and slow soft-tissue gradients."""
+    sigma = NORMALISE_SIGMA_MM / pixel_mm
+    img = ndimage.gaussian_filter(img, SMOOTH_MM / pixel_mm)  # texture and noise are not landmarks
+    centred = img - ndimage.gaussian_filter(img, sigma)
+    spread = np.sqrt(ndimage.gaussian_filter(centred * centred, sigma)) + 1e-6
+    out = centred / (spread + 0.1 * float(np.median(spread)))
+    return np.clip(out, -3, 3).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _templates(region: str, view: str) -> dict[str, _Template]:
+    """Site templates cut from the atlas, keyed by site name (hip sites by the side the atlas shows)."""
+    from ..synth.phantoms import mean_anatomy  # the atlas is drawn by the phantom generator
+
+    kind = "hip" if region == "hip" else "lumbar"
+    att, grid_mm, marks = mean_anatomy(kind, view)
+    atlas = _normalise(_resample(att, (grid_mm, grid_mm), WORK_MM), WORK_MM)
+    out = {}
+    for site, points_mm in marks.items():
+        pts = points_mm / WORK_MM
+        margin = CONTEXT_MM / WORK_MM
+        r0, c0 = np.floor(pts.min(axis=0) - margin).astype(int)
+        r1, c1 = np.ceil(pts.max(axis=0) + margin).astype(int)
+        r0, c0 = max(r0, 0), max(c0, 0)
+        patch = atlas[r0:r1, c0:c1]
+        out[site] = _Template(np.ascontiguousarray(patch), pts - np.array([r0, c0]), np.array([r0, c0], float))
+    return out
+
+
+def _similarity(scale: float, angle_deg: float) -> np.ndarray:
+    a = math.radians(angle_deg)
+    return scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+
+@lru_cache(maxsize=4096)
+def _warped(key: tuple[str, str, str], scale: float, angle_deg: float, factor: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Template `key` = (region, view, site) scaled, rotated and shrunk by `factor`: the zero-mean
+    patch, its landmark points and its norm (cached: the search grid is fixed)."""
+    t = _templates(key[0], key[1])[key[2]]
+    fwd = _similarity(scale / factor, angle_deg)
+    h, w = t.pixels.shape
+    corners = np.array([[0, 0], [0, w], [h, 0], [h, w]], dtype=float) - np.array([h, w]) / 2
+    out_shape = np.ceil(np.abs(corners @ fwd.T).max(axis=0) * 2).astype(int) + 1
+    c_in, c_out = np.array([h, w]) / 2, out_shape / 2
+    inv = np.linalg.inv(fwd)
+    patch = ndimage.affine_transform(t.pixels, inv, offset=c_in - inv @ c_out, output_shape=tuple(out_shape),
+                                     order=1, cval=0.0)
+    patch = (patch - patch.mean()).astype(np.float32)
+    return patch, (t.points - c_in) @ fwd.T + c_out, float(np.sqrt(np.square(patch, dtype=np.float64).sum()))
+
+
+class _Correlator:
+    """Normalised cross-correlation of many templates with one image: the image's FFT and its
+    integral images are computed once (circular correlation is exact on the valid positions)."""
+
+    def __init__(self, image: np.ndarray):
+        self.shape = image.shape
+        self.fshape = tuple(sp_fft.next_fast_len(n, real=True) for n in image.shape)
+        self.spectrum = sp_fft.rfft2(image.astype(np.float32), self.fshape)
+        pad = np.pad(image.astype(np.float64), ((1, 0), (1, 0)))
+        self.s1 = pad.cumsum(0).cumsum(1)
+        self.s2 = np.square(pad).cumsum(0).cumsum(1)
+
+    def _window(self, table: np.ndarray, h: int, w: int) -> np.ndarray:
+        return table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]
+
+    def ncc(self, patch: np.ndarray, norm: float) -> np.ndarray | None:
+        """NCC map over the valid positions (top-left corners), or None when the patch is too big."""
+        h, w = patch.shape
+        H, W = self.shape
+        if h > H or w > W or norm <= 0:
+            return None
+        corr = sp_fft.irfft2(self.spectrum * sp_fft.rfft2(patch[::-1, ::-1], self.fshape), self.fshape)
+        corr = corr[h - 1:H, w - 1:W]
+        s1, s2 = self._window(self.s1, h, w), self._window(self.s2, h, w)
+        var = np.maximum(s2 - s1 * s1 / (h * w), 1e-6 * h * w)
+        return corr / (norm * np.sqrt(var))
+
+
+def _best_match(image: _Correlator, key, scales, angles, factor: int) -> _Match:
+    """Exhaustive NCC search over scales and angles; landmarks in the correlator's image pixels."""
+    best = _Match(-1.0, None, 1.0, 0.0)
+    for scale in scales:
+        for angle in angles:
+            patch, pts, norm = _warped(key, round(scale, 4), angle, factor)
+            ncc = image.ncc(patch, norm)
+            if ncc is None:
+                continue
+            r, c = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+            if ncc[r, c] > best.ncc:
+                best = _Match(float(ncc[r, c]), pts + np.array([r, c]), scale, angle)
+    return best
+
+
+def _register(image: np.ndarray, key: tuple[str, str, str], cols: slice) -> _Match:
+    """Coarse-to-fine registration of template `key` inside the column range `cols` of `image`
+    (normalised, WORK_MM); landmarks in `image` pixels. The region is padded with the normalised
+    mean (0) so that anatomy cut by the field edge can still match."""
+    shape = np.array(_templates(key[0], key[1])[key[2]].pixels.shape)
+    pad = (shape * max(SCALES) * PAD_FRACTION).astype(int)
+    region = np.pad(image[:, cols], ((pad[0], pad[0]), (pad[1], pad[1])))
+    offset = np.array([-pad[0], (cols.start or 0) - pad[1]])
+    coarse = _best_match(_Correlator(region[::COARSE, ::COARSE]), key, SCALES, ANGLES, COARSE)
+    if coarse.points is None:
+        return coarse
+    # Refine at full WORK_MM resolution in a window around the coarse answer.
+    centre = coarse.points.mean(axis=0) * COARSE
+    half = shape * coarse.scale * 0.75 + 8
+    r0, c0 = max(0, int(centre[0] - half[0])), max(0, int(centre[1] - half[1]))
+    window = region[r0:int(centre[0] + half[0]), c0:int(centre[1] + half[1])]
+    fine = _best_match(_Correlator(window), key, [coarse.scale * f for f in FINE_SCALES],
+                       [coarse.angle + a for a in FINE_ANGLES], 1)
+    if fine.points is None or fine.ncc < coarse.ncc:
+        coarse.points = coarse.points * COARSE + offset
+        return coarse
+    fine.points = fine.points + np.array([r0, c0]) + offset
+    return fine
+
+
+def _box(points: np.ndarray, to_source: np.ndarray, shape) -> tuple[int, int, int, int]:
+    """Axis-aligned box (exclusive ends) around working-grid points, in source pixels, clipped."""
+    src = points * to_source
+    r0, c0 = np.floor(src.min(axis=0)).astype(int)
+    r1, c1 = np.ceil(src.max(axis=0)).astype(int)
+    return (max(0, int(r0)), max(0, int(c0)), min(shape[0], int(r1)), min(shape[1], int(c1)))
+
+
+def _confidence(ncc: float) -> float:
+    return float(np.clip((ncc - NCC_FLOOR) / (NCC_GOOD - NCC_FLOOR), 0.0, 1.0))
+
+
+def locate_sites(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str,
+                 *, patient_left_on_image_right: bool = True) -> list[SiteLocation]:
+    """Boxes (source pixels, exclusive ends) and confidences for the sites of `region` ("hip":
+    left_hip and right_hip on an AP view; "lumbar": lumbar_spine on an AP or lateral view).
+
+    `image` is bone-bright with any offset and scale; an unsupported region/view or an image too
+    small to hold the anatomy gives an empty list."""
+    if (region, view) not in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
+        return []
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2 or min(img.shape) < 16 or not np.isfinite(img).all():
+        return []
+    work = _normalise(_resample(img, spacing_mm, WORK_MM), WORK_MM)
+    to_source = np.array([img.shape[0] / work.shape[0], img.shape[1] / work.shape[1]])
+    templates = _templates(region, view)
+    width = work.shape[1]
+    side = int(width * HIP_SIDE_FRACTION)
+    if region == "hip":
+        return _locate_hips(work, templates, to_source, img.shape, patient_left_on_image_right)
+    key = ("lumbar", view, "lumbar_spine")
+    best = _register(work, key, slice(0, width))
+    if view == "lat":  # patient facing the other way: mirror the image, mirror the answer back
+        mirrored = _register(work[:, ::-1], key, slice(0, width))
+        if mirrored.points is not None and mirrored.ncc > best.ncc:
+            mirrored.points = np.column_stack([mirrored.points[:, 0], width - mirrored.points[:, 1]])
+            best = mirrored
+    if best.points is None:
+        return []
+    return [SiteLocation("lumbar_spine", _box(best.points, to_source, img.shape), _confidence(best.ncc))]
+
+
+def _pair_error(right: _Match, left: _Match, t_right: _Template, t_left: _Template) -> float:
+    """How far the two femurs' relative position departs from the atlas's, as a fraction of the
+    inter-hip distance (rotation and scale taken from the matches)."""
+    atlas = (t_left.points + t_left.origin).mean(axis=0) - (t_right.points + t_right.origin).mean(axis=0)
+    expected = _similarity((right.scale + left.scale) / 2, (right.angle + left.angle) / 2) @ atlas
+    found = left.points.mean(axis=0) - right.points.mean(axis=0)
+    return float(np.linalg.norm(found - expected) / np.linalg.norm(expected))
+
+
+def _locate_hips(work, templates, to_source, shape, patient_left_on_image_right) -> list[SiteLocation]:
+    """Each femur on its side of the image; the atlas's image-left femur is the patient's right hip
+    in standard orientation."""
+    width = work.shape[1]
+    side = int(width * HIP_SIDE_FRACTION)
+    t_img_left, t_img_right = templates["right_hip"], templates["left_hip"]
+    m_left = _register(work, ("hip", "ap", "right_hip"), slice(0, side))
+    m_right = _register(work, ("hip", "ap", "left_hip"), slice(width - side, width))
+    pair = 1.0
+    if m_left.points is not None and m_right.points is not None:
+        pair = float(np.clip(1.0 - (_pair_error(m_left, m_right, t_img_left, t_img_right) - PAIR_OK) / PAIR_SLACK, 0, 1))
+    names = ("right_hip", "left_hip") if patient_left_on_image_right else ("left_hip", "right_hip")
+    return [SiteLocation(name, _box(m.points, to_source, shape), _confidence(m.ncc) * pair)
+            for name, m in zip(names, (m_left, m_right)) if m.points is not None]

@@ -1,0 +1,795 @@
+"""Radiograph phantoms whose bone density follows a known T-score, and only the pixels show it.
+
+How an image is made
+--------------------
+1. *Patient*: a latent T-score (one WHO class drawn uniformly, then T uniform within the class band,
+   T in [-4.5, 2]); each site gets latent + N(0, 0.3), so hips and spine agree but not exactly. Age
+   drifts weakly with low T (r about -0.3); sex, height and BMI are drawn independently of T.
+2. *Anatomy* on a coarse grid (about 0.5 mm) covering the detector field. Every bone is an analytic
+   solid (spheres, cones, ellipsoids, elliptic tubes, plates); each pixel receives the X-ray *path
+   length* through cortical and trabecular bone (chords of the solids: cortex is the outer chord minus
+   the inner one, so tangential cortex shows as a bright line), soft tissue (body contour from BMI),
+   and gas. A similarity pose (rotation, translation, magnification) places the anatomy in the field.
+3. *Bone density* from T: trabecular volume fraction f0(T) = 0.24 (1 + 0.12 T), cortical thickness
+   x (1 + 0.08 T), cortical density x (1 + 0.03 T), and the trabecular *pattern*: in the femoral neck
+   the Singh groups (secondary/trochanteric fade first, then the principal tensile arcs, the
+   principal compressive fan last; Ward's triangle widens); in vertebrae horizontal trabeculae fade
+   before vertical ones. Textures are oriented cosine stripes with a smooth random phase wobble plus
+   band-pass noise, so no two phantoms share a pattern.
+4. *Exposure* (nuisances, independent of T): attenuation A = mu_soft * soft + mu_bone * bone; scatter
+   (a blurred fraction of the primary), log, dynamic-range compression and edge enhancement of random
+   strength. The coarse image is bilinearly up-sampled to the detector pitch (0.14-0.20 mm) with
+   torch, quantum noise (its sigma follows exp(A/2), dose random) is added at the detector pitch,
+   then a random window, gamma (0.75-1.33), gain, offset, 12-16 stored bits and MONOCHROME1 or 2 are
+   applied through one look-up table.
+Image orientation is the standard display: patient's right on image left for AP/PA views (left_hip on
+the image's right side), anterior on image left for the lateral lumbar view.
+
+Site truth boxes, in detector pixels (row0, col0, row1, col1), exclusive ends:
+- hip: superior border the top of the acetabular roof (sourcil), inferior border one lesser-
+  trochanter length (its height along the shaft) below the lesser trochanter's lower edge, medial
+  border the lateral margin of the teardrop, lateral border 5 mm lateral of the greater trochanter
+  (the crop of Jang et al. 2021);
+- lumbar_spine: the smallest rectangle around the L1-L4 vertebral bodies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..findings import who_category
+
+GRID_MM = 0.5
+T_RANGE = (-4.5, 2.0)
+CLASS_BANDS = ((-1.0, 2.0), (-2.5, -1.0), (-4.5, -2.5))  # normal, osteopenia, osteoporosis
+MU_SOFT = 0.021  # per mm, water at an effective ~60 keV
+MU_BONE = 0.050  # per mm, cortical bone
+SITE_T_NOISE = 0.3
+HIP_SITES = {+1: "left_hip", -1: "right_hip"}  # +1: femur on the image's right (patient's left)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patient
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Patient:
+    latent_t: float
+    t_scores: dict[str, float]
+    age: int
+    sex: str
+    height_m: float
+    weight_kg: float
+    size: float  # bone size factor, 1.0 for a 1.65 m adult
+
+    @property
+    def bmi(self) -> float:
+        return self.weight_kg / self.height_m ** 2
+
+
+def draw_patient(rng: np.random.Generator) -> Patient:
+    """Draw T first (classes roughly balanced), then covariates that only weakly follow it."""
+    lo, hi = CLASS_BANDS[int(rng.integers(3))]
+    latent = float(rng.uniform(lo, hi))
+    sites = {s: float(np.clip(latent + rng.normal(0.0, SITE_T_NOISE), *T_RANGE))
+             for s in ("left_hip", "right_hip", "lumbar_spine")}
+    sex = "F" if rng.random() < 0.7 else "M"
+    age = int(np.clip(round(66.0 - 2.0 * latent + rng.normal(0.0, 9.0)), 40, 95))
+    height = float(np.clip(rng.normal(1.62 if sex == "F" else 1.76, 0.07), 1.40, 2.00))
+    bmi = float(np.clip(rng.normal(26.5, 4.5), 17.0, 42.0))
+    size = height / 1.65 * float(rng.uniform(0.96, 1.04))
+    return Patient(latent, sites, age, sex, height, bmi * height ** 2, size)
+
+
+@dataclass
+class Bone:
+    """How a T-score shows in bone: trabecular fraction, cortex, and the Singh/vertebral pattern."""
+
+    t: float
+
+    @property
+    def trabecular(self) -> float:
+        return max(0.05, 0.24 * (1.0 + 0.15 * self.t))
+
+    @property
+    def cortex(self) -> float:
+        return max(0.5, 1.0 + 0.10 * self.t)
+
+    @property
+    def cortical_density(self) -> float:
+        return 1.0 + 0.03 * self.t
+
+    def group(self, threshold: float, floor: float = 0.0) -> float:
+        """Visibility of a trabecular group that fades below `threshold` (Singh grading)."""
+        return floor + (1.0 - floor) / (1.0 + math.exp(-(self.t - threshold) / 0.45))
+
+
+# ----------------------------------------------------------------------------------------------
+# Canvas and primitives
+# ----------------------------------------------------------------------------------------------
+def _sigmoid(x):
+    return 0.5 + 0.5 * np.tanh(0.5 * x)
+
+
+def _chord(r, d2):
+    """Path length through a circle of radius r at squared distance d2 from its centre."""
+    return 2.0 * np.sqrt(np.maximum(np.square(r) - d2, 0.0))
+
+
+def _local(X, Y, centre, angle):
+    """Coordinates in a frame centred at `centre` whose u-axis points at `angle` (radians)."""
+    c, s = math.cos(angle), math.sin(angle)
+    dx, dy = X - centre[0], Y - centre[1]
+    return c * dx + s * dy, -s * dx + c * dy
+
+
+def _mirror(arc, lat):
+    """An arc of parametric angles drawn for the image-right side, mirrored for lat = -1."""
+    return arc if lat > 0 else (math.pi - arc[1], math.pi - arc[0])
+
+
+class Canvas:
+    """The coarse anatomy grid over the detector field with its layers of path lengths (mm).
+
+    Anatomy coordinates are mm, x toward the image's right, y toward the feet; the pose maps them
+    into the field: field = magnification * R(angle) * anatomy + shift (origin at field centre)."""
+
+    def __init__(self, field_mm, angle, magnification, shift, rng, grid_mm=GRID_MM):
+        self.field = (float(field_mm[0]), float(field_mm[1]))
+        rows, cols = (max(8, int(round(f / grid_mm))) for f in self.field)
+        self.shape = (rows, cols)
+        self.step = (self.field[0] / rows, self.field[1] / cols)
+        self.angle, self.mag, self.shift = angle, magnification, shift
+        fy = ((np.arange(rows, dtype=np.float32) + 0.5) * self.step[0] - self.field[0] / 2 - shift[1])
+        fx = ((np.arange(cols, dtype=np.float32) + 0.5) * self.step[1] - self.field[1] / 2 - shift[0])
+        c, s = math.cos(angle), math.sin(angle)
+        self.X = ((c * fx[None, :] + s * fy[:, None]) / magnification).astype(np.float32)
+        self.Y = ((-s * fx[None, :] + c * fy[:, None]) / magnification).astype(np.float32)
+        self.soft = np.zeros(self.shape, np.float32)
+        self.cort = np.zeros(self.shape, np.float32)
+        self.trab = np.zeros(self.shape, np.float32)
+        white = rng.standard_normal(self.shape, dtype=np.float32)
+        fine = ndimage.gaussian_filter(white, 0.8) - ndimage.gaussian_filter(white, 2.5)
+        self.fine = fine / (fine.std() + 1e-6)
+        wob = ndimage.gaussian_filter(rng.standard_normal(self.shape, dtype=np.float32), 5.0)
+        self.wobble = wob / (wob.std() + 1e-6)
+        self.wobble2 = np.roll(self.wobble, (rows // 3, cols // 3), axis=(0, 1))
+
+    def to_field(self, points) -> np.ndarray:
+        """Anatomy points (N, 2) as (x, y) → field mm from the top-left corner as (row_mm, col_mm)."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        x = self.mag * (c * p[:, 0] - s * p[:, 1]) + self.shift[0] + self.field[1] / 2
+        y = self.mag * (s * p[:, 0] + c * p[:, 1]) + self.shift[1] + self.field[0] / 2
+        return np.stack([y, x], axis=1)
+
+    def window(self, x0, y0, x1, y1):
+        """Grid slices covering an anatomy bounding box, or None when it lies outside the field."""
+        f = self.to_field([(x0, y0), (x1, y0), (x0, y1), (x1, y1)])
+        r0 = max(0, int(f[:, 0].min() / self.step[0]) - 1)
+        r1 = min(self.shape[0], int(f[:, 0].max() / self.step[0]) + 2)
+        c0 = max(0, int(f[:, 1].min() / self.step[1]) - 1)
+        c1 = min(self.shape[1], int(f[:, 1].max() / self.step[1]) + 2)
+        if r1 <= r0 or c1 <= c0:
+            return None
+        return np.s_[r0:r1, c0:c1]
+
+
+class Solid:
+    """One bone as a union of primitive solids; cortex = outer chord - inner chord.
+
+    Each primitive is evaluated only over its own bounding window; `commit` merges them on the
+    union window and adds the bone to the canvas."""
+
+    def __init__(self, cv: Canvas):
+        self.cv = cv
+        self.parts = []  # (slices, fn(X, Y) -> (outer, inner))
+        self.sl = self.X = self.Y = None
+
+    def _add(self, bbox, fn):
+        sl = self.cv.window(*bbox)
+        if sl is not None:
+            self.parts.append((sl, fn))
+
+    def tube(self, p0, p1, r0, r1, cortex, cortex1=None):
+        """A cone frustum with rounded ends from p0 (radius r0, cortex) to p1 (radius r1, cortex1)."""
+        r = max(r0, r1)
+        dx, dy = p1[0] - p0[0], p1[1] - p0[1]
+        norm = dx * dx + dy * dy
+        c1 = cortex if cortex1 is None else cortex1
+
+        def fn(X, Y):
+            t = np.clip(((X - p0[0]) * dx + (Y - p0[1]) * dy) / norm, 0.0, 1.0)
+            d2 = np.square(X - (p0[0] + t * dx)) + np.square(Y - (p0[1] + t * dy))
+            rad = r0 + (r1 - r0) * t
+            return _chord(rad, d2), _chord(np.maximum(rad - cortex - (c1 - cortex) * t, 0.0), d2)
+        self._add((min(p0[0], p1[0]) - r, min(p0[1], p1[1]) - r, max(p0[0], p1[0]) + r, max(p0[1], p1[1]) + r), fn)
+
+    def ellipsoid(self, centre, a, b, depth, angle, cortex):
+        """An ellipsoid with semi-axes a (along `angle`), b, and depth/2 along the beam."""
+        ai, bi, di = max(a - cortex, 0.5), max(b - cortex, 0.5), max(depth - 2 * cortex, 0.0)
+
+        def fn(X, Y):
+            u, v = _local(X, Y, centre, angle)
+            q = np.square(u / a) + np.square(v / b)
+            qi = np.square(u / ai) + np.square(v / bi)
+            return depth * np.sqrt(np.maximum(1.0 - q, 0.0)), di * np.sqrt(np.maximum(1.0 - qi, 0.0))
+        m = max(a, b)
+        self._add((centre[0] - m, centre[1] - m, centre[0] + m, centre[1] + m), fn)
+
+    def ring(self, centre, a, b, angle, radius, cortex, arc=None):
+        """A tube bent along an ellipse (semi-axes a, b), optionally only over `arc` = (phi0, phi1)
+        of the ellipse's parametric angle, with tapered ends."""
+        def fn(X, Y):
+            u, v = _local(X, Y, centre, angle)
+            rho = np.sqrt(np.square(u / a) + np.square(v / b)) + 1e-6
+            d2 = np.square((rho - 1.0) * np.sqrt(u * u + v * v) / rho)
+            r = radius
+            if arc is not None:
+                phi = np.arctan2(v / b, u / a)
+                mid, half = (arc[0] + arc[1]) / 2, (arc[1] - arc[0]) / 2
+                off = np.abs(np.mod(phi - mid + math.pi, 2 * math.pi) - math.pi)
+                r = radius * np.clip((half - off) / 0.25 + 0.5, 0.0, 1.0)
+            return _chord(r, d2), _chord(np.maximum(r - cortex, 0.0), d2)
+        m = max(a, b) + radius
+        self._add((centre[0] - m, centre[1] - m, centre[0] + m, centre[1] + m), fn)
+
+    def plate(self, bbox, thickness, cortex):
+        """A flat bone seen face-on: `thickness(X, Y)` in mm (soft-edged), two cortical layers."""
+        def fn(X, Y):
+            t = thickness(X, Y)
+            return t, np.maximum(t - 2 * cortex, 0.0)
+        self._add(bbox, fn)
+
+    def commit(self, bone: Bone, density=None, mask=None):
+        """Add the solid to the canvas: cortex with T-dependent density, trabecular path times the
+        local trabecular fraction (`density(solid)`, default uniform with band-pass texture)."""
+        if not self.parts:
+            return
+        r0 = min(sl[0].start for sl, _ in self.parts)
+        r1 = max(sl[0].stop for sl, _ in self.parts)
+        c0 = min(sl[1].start for sl, _ in self.parts)
+        c1 = max(sl[1].stop for sl, _ in self.parts)
+        self.sl = np.s_[r0:r1, c0:c1]
+        self.X, self.Y = self.cv.X[self.sl], self.cv.Y[self.sl]
+        outer = np.zeros(self.X.shape, np.float32)
+        inner = np.zeros(self.X.shape, np.float32)
+        for sl, fn in self.parts:
+            o, i = fn(self.cv.X[sl], self.cv.Y[sl])
+            local = np.s_[sl[0].start - r0:sl[0].stop - r0, sl[1].start - c0:sl[1].stop - c0]
+            np.maximum(outer[local], o, out=outer[local])
+            np.maximum(inner[local], i, out=inner[local])
+        if density is None:
+            fraction = bone.trabecular * (0.8 + 0.25 * bone.group(-1.5) * self.cv.fine[self.sl])
+        else:
+            fraction = density(self)
+        self.cv.cort[self.sl] += np.maximum(outer - inner, 0.0) * bone.cortical_density
+        self.cv.trab[self.sl] += inner * np.maximum(fraction, 0.0)
+        if mask is not None:
+            mask[self.sl] |= outer > 0.5
+
+
+def _ellipse_inside(X, Y, centre, a, b, angle, soft=1.5):
+    """Soft-edged inside-ellipse mask (edge width ~ `soft` mm)."""
+    u, v = _local(X, Y, centre, angle)
+    rho = np.sqrt(np.square(u / a) + np.square(v / b)) + 1e-6
+    distance = (rho - 1.0) * np.sqrt(u * u + v * v) / rho  # signed, approximately in mm
+    return _sigmoid(-distance / soft)
+
+
+def _body_chord(X, centre_x, width, depth):
+    """Soft-tissue path through an elliptic body cross-section at each image column."""
+    return depth * np.sqrt(np.maximum(1.0 - np.square(2.0 * (X - centre_x) / width), 0.0))
+
+
+def _gas(cv: Canvas, rng, region, count):
+    """Bowel gas: soft-edged blobs of missing tissue (a nuisance, unrelated to T)."""
+    x0, y0, x1, y1 = region
+    for _ in range(count):
+        c = (rng.uniform(x0, x1), rng.uniform(y0, y1))
+        a, b = rng.uniform(8, 30), rng.uniform(6, 20)
+        sl = cv.window(c[0] - a - 24, c[1] - a - 24, c[0] + a + 24, c[1] + a + 24)
+        if sl is None:
+            continue
+        inside = _ellipse_inside(cv.X[sl], cv.Y[sl], c, a, b, rng.uniform(0, math.pi), soft=4.0)
+        cv.soft[sl] -= rng.uniform(15, 50) * inside
+
+
+def _stripes(phase, wobble, fine):
+    """Irregular trabecular lines: a cosine whose phase wanders and whose contrast varies."""
+    return np.cos(phase + 2.0 * wobble) * (0.7 + 0.3 * np.tanh(fine))
+
+
+# ----------------------------------------------------------------------------------------------
+# Femur and pelvis (AP)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FemurShape:
+    head: tuple[float, float]
+    radius: float
+    neck_angle: float  # radians below the horizontal, lateral-down
+    neck_length: float
+    shaft_tilt: float  # radians, the shaft runs medially as it descends
+    joint_space: float
+
+
+def _draw_femur_shape(rng, lat: int, separation: float, size: float) -> FemurShape:
+    return FemurShape(head=(lat * separation / 2, 0.0), radius=23.0 * size * rng.uniform(0.95, 1.05),
+                      neck_angle=math.radians(rng.uniform(36, 46)),
+                      neck_length=50.0 * size * rng.uniform(0.92, 1.08),
+                      shaft_tilt=math.radians(rng.uniform(5, 10)), joint_space=rng.uniform(3.0, 5.0))
+
+
+def _femur(cv: Canvas, shape: FemurShape, lat: int, bone: Bone, size: float, mask=None) -> dict:
+    """Proximal femur (head, neck, trochanters, shaft) with Singh trabecular groups; returns the
+    landmarks that bound the hip crop."""
+    H, R = np.array(shape.head), shape.radius
+    n = np.array([lat * math.cos(shape.neck_angle), math.sin(shape.neck_angle)])
+    J = H + n * shape.neck_length  # where the neck axis meets the shaft axis
+    s = np.array([-lat * math.sin(shape.shaft_tilt), math.cos(shape.shaft_tilt)])
+    med = np.array([-lat, 0.0])
+    sz, k = size, bone.cortex
+    gt = J + np.array([lat * 8.0, -14.0]) * sz
+    gt_a, gt_b = 17.0 * sz, 23.0 * sz
+    lt_r = 9.0 * sz
+    lt = J + s * 46.0 * sz + med * 15.0 * sz
+    sol = Solid(cv)
+    sol.ellipsoid(H, R, R, 2 * R, 0.0, 1.6 * k)
+    sol.tube(H, J, 15.5 * sz, 21.0 * sz, 2.0 * k)
+    sol.tube(J + s * 4.0 * sz, J + s * 80.0 * sz, 23.0 * sz, 15.5 * sz, 2.5 * k, 6.0 * k)
+    sol.ellipsoid(gt, gt_a, gt_b, 36.0 * sz, math.radians(lat * 8), 1.5 * k)
+    sol.tube(gt, J + s * 60.0 * sz, 12.0 * sz, 17.0 * sz, 1.5 * k, 3.5 * k)  # lateral wall below the trochanter
+    sol.ellipsoid(lt, lt_r * 1.3, lt_r, 16.0 * sz, math.atan2(s[1], s[0]) + lat * 0.5, 1.5 * k)
+    sol.tube(J + s * 80.0 * sz, J + s * 320.0, 15.5 * sz, 14.0 * sz, 6.0 * k)
+    sol.commit(bone, lambda so: _singh_density(so, H, R, J, s, lat, bone, sz), mask)
+    teardrop = H + med * (R + shape.joint_space + 10.0 * sz) + np.array([0.0, 12.0 * sz])
+    return {"top": H + np.array([0.0, -R - shape.joint_space - 4.0]),
+            "bottom": lt + s * 3.0 * lt_r,  # one lesser-trochanter length below its lower edge
+            "medial": teardrop - med * 4.5 * sz,  # lateral margin of the teardrop
+            "lateral": gt + np.array([lat * (gt_a + 5.0), 0.0]),
+            "teardrop": teardrop}
+
+
+def _singh_density(sol: Solid, H, R, J, s, lat, bone: Bone, size):
+    """Trabecular fraction over the proximal femur: principal compressive fan from the calcar into
+    the head, principal tensile arcs from below the greater trochanter over the neck into the head,
+    secondary/trochanteric texture elsewhere, fatty medullary canal down the shaft."""
+    X, Y = sol.X, sol.Y
+    wob, wob2, fine = sol.cv.wobble[sol.sl], sol.cv.wobble2[sol.sl], sol.cv.fine[sol.sl]
+    calcar = J + s * 35.0 * size + np.array([-lat * 13.0 * size, 0.0])
+    axis = H + np.array([0.0, -0.6 * R]) - calcar
+    length = float(np.hypot(*axis))
+    u, v = _local(X, Y, calcar, math.atan2(axis[1], axis[0]))
+    w_c = np.exp(-np.square(v) / (2 * (0.5 * R) ** 2)) * _sigmoid(u / 6.0)
+    s_c = _stripes(np.arctan2(v, np.maximum(u, 1.0)) * (length / 2.6) * 2 * math.pi, wob, fine)
+    centre_t = (H + J) / 2 + np.array([0.0, 50.0 * size])
+    r_t = np.hypot(X - centre_t[0], Y - centre_t[1])
+    r_mid = float(np.hypot(*(H - centre_t))) + 0.25 * R
+    w_t = np.exp(-np.square(r_t - r_mid) / (2 * (0.3 * R) ** 2)) * _sigmoid((Y - (H[1] - 0.7 * R)) / 3.0)
+    s_t = _stripes(r_t * (2 * math.pi / 2.6), wob2, fine)
+    a_s, a_t, a_c = bone.group(-0.8), bone.group(-2.3), bone.group(-3.6, floor=0.35)
+    along = (X - J[0]) * s[0] + (Y - J[1]) * s[1]
+    canal = 0.12 + 0.88 * _sigmoid((65.0 * size - along) / 8.0)
+    pattern = (0.45 + 0.55 * a_c * w_c * (1 + 0.6 * s_c) + 0.45 * a_t * w_t * (1 + 0.6 * s_t)
+               + 0.3 * a_s * (1 + 0.8 * fine))
+    return bone.trabecular * canal * pattern
+
+
+def _hemipelvis(cv: Canvas, shape: FemurShape, lat: int, bone: Bone, size: float, teardrop):
+    """One innominate bone: ilium (body, wing, posterior column), pubis and ischium as plates; the
+    lines a radiograph shows where cortex runs along the beam (acetabular cup and sourcil, teardrop,
+    iliac crest, pelvic brim, obturator ring, rami) as tubes added on top."""
+    sz, k = size, bone.cortex
+    H, R = shape.head, shape.radius + shape.joint_space
+    wing = (H[0] * 0.92, -82.0 * sz)
+    body = (H[0] - lat * 10 * sz, H[1] - R - 20 * sz)
+    column = (H[0] - lat * 30 * sz, H[1] + 5 * sz)
+    pubis = (lat * 14 * sz, 32 * sz)
+    ischium = (lat * 62 * sz, 74 * sz)
+
+    def thickness(X, Y):
+        w = 13.0 * _ellipse_inside(X, Y, wing, 64 * sz, 46 * sz, lat * math.radians(15), 2.0)
+        w = np.maximum(w, 40.0 * _ellipse_inside(X, Y, body, 34 * sz, 24 * sz, lat * 0.6, 4.0))
+        w = np.maximum(w, 30.0 * _ellipse_inside(X, Y, column, 12 * sz, 36 * sz, lat * 0.15, 3.0))
+        w = np.maximum(w, 22.0 * _ellipse_inside(X, Y, pubis, 9 * sz, 20 * sz, 0.0, 2.0))
+        return np.maximum(w, 30.0 * _ellipse_inside(X, Y, ischium, 15 * sz, 14 * sz, 0.0, 2.5))
+    plates = Solid(cv)
+    x0, x1 = sorted((H[0] + lat * 75 * sz, -lat * 5.0))
+    plates.plate((x0 - 20, -150 * sz, x1 + 20, 110 * sz), thickness, 1.8 * k)
+    plates.commit(bone)
+    lines = Solid(cv)
+    # Cup: a ring over the superior and medial arc (parametric angle -pi/2 is the top), sourcil.
+    lines.ring(H, R + 3.5, R + 3.5, 0.0, 3.0, 1.3 * k, arc=_mirror((-math.pi - 0.9, -0.75), lat))
+    lines.ring(H, R + 2.0, R + 2.0, 0.0, 2.5, 2.5 * k, arc=_mirror((-2.3, -0.75), lat))
+    lines.ring(teardrop, 4.5 * sz, 11.0 * sz, 0.0, 2.0, 1.0 * k)
+    lines.ring(wing, 64 * sz, 46 * sz, lat * math.radians(15), 4.5, 1.6 * k, arc=_mirror((-math.pi + 0.25, 0.15), lat))
+    lines.ring((0.0, -28.0 * sz), 64 * sz, 60 * sz, 0.0, 3.0, 1.3 * k, arc=_mirror((-0.75, 1.45), lat))  # brim
+    lines.ring((lat * 50 * sz, 44 * sz), 22 * sz, 27 * sz, lat * math.radians(25), 5.5 * sz, 1.4 * k)  # obturator
+    lines.tube((pubis[0], pubis[1] - 12 * sz), (H[0] - lat * R * 0.8, H[1] + 10 * sz), 6.0 * sz, 7.0 * sz, 1.2 * k)
+    lines.commit(bone)
+
+
+def _sacrum(cv: Canvas, size: float, bone: Bone, top: float, centre_x: float = 0.0, length: float = 120.0):
+    """Sacrum: a tapering plate with alae, four pairs of dark foramina and the median crest."""
+    sz = size
+    bot = top + length * sz
+
+    def thickness(X, Y):
+        frac = np.clip((Y - top) / (bot - top), 0, 1)
+        half = (58 - 46 * frac) * sz
+        m = _sigmoid((half - np.abs(X - centre_x)) / 2.0) * _sigmoid((Y - top) / 2.0) * _sigmoid((bot - Y) / 3.0)
+        holes = np.zeros_like(X)
+        for i in range(4):
+            y = top + (22 + 20 * i) * sz
+            for side in (-1, 1):
+                c = (centre_x + side * (20 - 3 * i) * sz, y)
+                holes = np.maximum(holes, _ellipse_inside(X, Y, c, 4.5 * sz, 4.0 * sz, 0.0, 1.0))
+        return 24.0 * m * (1 - 0.7 * holes)
+    sol = Solid(cv)
+    sol.plate((centre_x - 66 * sz, top - 8, centre_x + 66 * sz, bot + 10), thickness, 1.2 * bone.cortex)
+    sol.tube((centre_x, top + 5), (centre_x, bot - 10), 4.0, 3.0, 1.5)
+    sol.commit(bone)
+
+
+def _pelvis_scene(cv: Canvas, p: Patient, rng, masks: bool) -> dict:
+    sz, bmi = p.size, p.bmi
+    body_w = min(430.0, (330 + 6.0 * (bmi - 25)) * sz)
+    depth = (190 + 6.0 * (bmi - 25)) * sz
+    thigh_w = (165 + 4.0 * (bmi - 25)) * sz
+    split = _sigmoid((cv.Y - 125 * sz) / 12.0)
+    cv.soft += (1 - split) * _body_chord(cv.X, 0.0, body_w, depth)
+    for lat in (-1, 1):
+        cv.soft += split * _body_chord(cv.X, lat * (thigh_w / 2 + 4), thigh_w, depth * 0.85)
+    _gas(cv, rng, (-110 * sz, -140 * sz, 110 * sz, -30 * sz), int(rng.integers(2, 8)))
+    pitch = (27.0 + DISC_MM) * sz
+    _lumbar_ap_column(cv, p, Bone(p.t_scores["lumbar_spine"]), ("L4", "L5"), (0.0, -175 * sz - pitch), rng)
+    pelvis = Bone((p.t_scores["left_hip"] + p.t_scores["right_hip"]) / 2)
+    _sacrum(cv, sz, pelvis, top=-140 * sz)
+    separation = 178.0 * sz * (1.03 if p.sex == "F" else 0.98)
+    sites = {}
+    for lat in (-1, 1):
+        site = HIP_SITES[lat]
+        shape = _draw_femur_shape(rng, lat, separation, sz)
+        bone = Bone(p.t_scores[site])
+        mask = np.zeros(cv.shape, bool) if masks else None
+        marks = _femur(cv, shape, lat, bone, sz, mask)
+        _hemipelvis(cv, shape, lat, bone, sz, marks["teardrop"])
+        sites[site] = (np.array([marks[k] for k in ("top", "bottom", "medial", "lateral")]), mask)
+    return sites
+
+
+# ----------------------------------------------------------------------------------------------
+# Lumbar spine (AP and lateral)
+# ----------------------------------------------------------------------------------------------
+LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
+_WIDTH = {"T12": 40.0, "L1": 42.0, "L2": 44.0, "L3": 47.0, "L4": 50.0, "L5": 52.0}
+_HEIGHT = {"T12": 24.0, "L1": 25.5, "L2": 26.5, "L3": 27.0, "L4": 27.0, "L5": 26.0}
+_DEPTH = {"T12": 30.0, "L1": 31.0, "L2": 33.0, "L3": 34.0, "L4": 35.0, "L5": 35.0}
+_TRANSVERSE = {"T12": 10.0, "L1": 16.0, "L2": 22.0, "L3": 30.0, "L4": 24.0, "L5": 22.0}
+DISC_MM = 10.0
+
+
+def _vertebral_density(sol: Solid, centre, angle, bone: Bone):
+    """Trabecular fraction in a body: vertical and horizontal trabeculae; horizontal fade first."""
+    u, v = _local(sol.X, sol.Y, centre, angle)
+    wob, wob2, fine = sol.cv.wobble[sol.sl], sol.cv.wobble2[sol.sl], sol.cv.fine[sol.sl]
+    s_v = _stripes(u * (2 * math.pi / 2.4), wob, fine)
+    s_h = _stripes(v * (2 * math.pi / 2.8), wob2, fine)
+    a_h, a_v = bone.group(-1.6), bone.group(-3.4, floor=0.5)
+    return bone.trabecular * (0.45 + 0.4 * a_v * (1 + 0.7 * s_v) + 0.35 * a_h * (1 + 0.7 * s_h)
+                              + 0.15 * fine)
+
+
+def _vertebral_body(sol: Solid, centre, w, h, d, angle, bone: Bone):
+    """Body as an elliptic cylinder (width w across the image, depth d along the beam, height h),
+    waisted sides and end plates; cortex from outer - inner chords."""
+    k = bone.cortex
+
+    def fn(X, Y):
+        u, v = _local(X, Y, centre, angle)
+        half = w / 2 * (1.0 - 0.06 * (1.0 - np.square(np.clip(2 * v / h, -1, 1))))
+        rows = _sigmoid((h / 2 - np.abs(v)) / 0.5)
+        rows_in = _sigmoid((h / 2 - 1.2 * k - np.abs(v)) / 0.5)
+        outer = d * np.sqrt(np.maximum(1 - np.square(u / half), 0)) * rows
+        inner = (d - 2 * k) * np.sqrt(np.maximum(1 - np.square(u / (half - 1.1 * k)), 0)) * rows_in
+        return outer, inner
+    m = max(w, h) * 0.75
+    sol._add((centre[0] - m, centre[1] - m, centre[0] + m, centre[1] + m), fn)
+
+
+def _body_corners(centre, w, h, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(centre[0] + c * du - s * dv, centre[1] + s * du + c * dv)
+            for du in (-w / 2, w / 2) for dv in (-h / 2, h / 2)]
+
+
+def _lumbar_ap_column(cv: Canvas, p: Patient, bone: Bone, levels, origin, rng, mask=None, mask_levels=()):
+    """Vertebrae in AP view stacked from `origin` (centre of the first level listed): bodies, pedicle
+    rings, laminae, spinous and transverse processes, 12th ribs on T12. Returns body corners."""
+    sz = p.size
+    y = origin[1]
+    corners = {}
+    scoliosis = rng.normal(0, 0.02)
+    for i, level in enumerate(levels):
+        w, h, d = _WIDTH[level] * sz, _HEIGHT[level] * sz, _DEPTH[level] * sz
+        if i:
+            y += (_HEIGHT[levels[i - 1]] * sz + h) / 2 + DISC_MM * sz
+        c = (origin[0] + scoliosis * (y - origin[1]) * 0.5, y)
+        corners[level] = _body_corners(c, w, h, scoliosis)
+        body = Solid(cv)
+        _vertebral_body(body, c, w, h, d, scoliosis, bone)
+        body.commit(bone, lambda so, c=c: _vertebral_density(so, c, scoliosis, bone),
+                    mask if level in mask_levels else None)
+        post = Solid(cv)
+        for side in (-1, 1):
+            post.ring((c[0] + side * (w / 2 - 8 * sz), c[1] - h / 2 + 9 * sz), 4.5 * sz, 7.0 * sz, 0.0, 1.8,
+                      1.0 * bone.cortex)
+            root = (c[0] + side * (w / 2 - 4 * sz), c[1] - h / 2 + 11 * sz)
+            tip = (c[0] + side * (w / 2 + _TRANSVERSE[level] * sz), c[1] - h / 2 + 13 * sz)
+            post.tube(root, tip, 4.0 * sz, 3.0 * sz, 1.2 * bone.cortex)
+            if level == "T12":
+                rib0 = (c[0] + side * (w / 2 + 6 * sz), c[1] - h / 2 + 5 * sz)
+                post.tube(rib0, (rib0[0] + side * 70 * sz, rib0[1] + 60 * sz), 5.0 * sz, 3.5 * sz, 1.2 * bone.cortex)
+        post.ellipsoid((c[0], c[1] + h / 2 - 2 * sz), 4.5 * sz, 11.0 * sz, 14.0, 0.0, 1.5 * bone.cortex)
+        lam = (c[0], c[1] + 2 * sz)
+        post.plate((lam[0] - w / 2, lam[1] - h / 2, lam[0] + w / 2, lam[1] + h / 2),
+                   lambda X, Y, lam=lam, w=w, h=h: 7.0 * _ellipse_inside(X, Y, lam, w / 2 - 5 * sz, h / 2 - 2 * sz, 0.0),
+                   1.0)
+        post.commit(bone)
+    return corners
+
+
+def _lumbar_ap_scene(cv: Canvas, p: Patient, rng, masks: bool) -> dict:
+    sz, bmi = p.size, p.bmi
+    cv.soft += _body_chord(cv.X, 0.0, min(440.0, (310 + 6.0 * (bmi - 25)) * sz), (200 + 6.5 * (bmi - 25)) * sz)
+    for side in (-1, 1):  # psoas shadows: soft-tissue wedges beside the spine
+        sl = cv.window(side * 45 * sz - 60, -120 * sz, side * 45 * sz + 60, 200 * sz)
+        if sl is not None:
+            cv.soft[sl] += 25.0 * _ellipse_inside(cv.X[sl], cv.Y[sl], (side * 45 * sz, 60 * sz), 28 * sz, 120 * sz,
+                                                  side * 0.25, 6.0)
+    _gas(cv, rng, (-130 * sz, -60 * sz, 130 * sz, 150 * sz), int(rng.integers(3, 10)))
+    bone = Bone(p.t_scores["lumbar_spine"])
+    mask = np.zeros(cv.shape, bool) if masks else None
+    pitch = (27.0 + DISC_MM) * sz
+    corners = _lumbar_ap_column(cv, p, bone, LEVELS, (0.0, -3 * pitch), rng, mask, ("L1", "L2", "L3", "L4"))
+    pelvis = Bone(p.latent_t)
+    l5 = np.mean(corners["L5"], axis=0)
+    _sacrum(cv, sz, pelvis, top=l5[1] + (13 + DISC_MM) * sz, centre_x=l5[0])
+    il = Solid(cv)
+    for side in (-1, 1):  # iliac wings with their crests at the L4-L5 level
+        wing = (l5[0] + side * 110 * sz, l5[1] + 60 * sz)
+
+        def thickness(X, Y, wing=wing, side=side):
+            return 9.0 * _ellipse_inside(X, Y, wing, 64 * sz, 46 * sz, side * math.radians(15), 2.0)
+        il.plate((wing[0] - 70 * sz, wing[1] - 70 * sz, wing[0] + 70 * sz, wing[1] + 70 * sz), thickness, pelvis.cortex)
+        il.ring(wing, 64 * sz, 46 * sz, side * math.radians(15), 4.5, 1.6 * pelvis.cortex,
+                arc=_mirror((-math.pi + 0.25, 0.15), side))
+    il.commit(pelvis)
+    box_pts = np.array([pt for lv in ("L1", "L2", "L3", "L4") for pt in corners[lv]])
+    return {"lumbar_spine": (box_pts, mask)}
+
+
+def _lumbar_lat_scene(cv: Canvas, p: Patient, rng, masks: bool) -> dict:
+    """Lateral lumbar spine, anterior on image left: lordotic column of bodies with end plates,
+    pedicles, facets and spinous processes; iliac wing and S1 below L5; 12th rib over T12."""
+    sz, bmi = p.size, p.bmi
+    back = (95.0 + 25 + 3.0 * (bmi - 25)) * sz  # spinous tips plus back fat
+    depth = (265 + 8.0 * (bmi - 25)) * sz
+    width = min(460.0, (320 + 6.0 * (bmi - 25)) * sz)
+    cv.soft += _body_chord(cv.X, back - depth / 2, depth, width) * _sigmoid((back - cv.X) / 3.0)
+    _gas(cv, rng, (-200 * sz, -80 * sz, -50 * sz, 150 * sz), int(rng.integers(3, 9)))
+    bone = Bone(p.t_scores["lumbar_spine"])
+    mask = np.zeros(cv.shape, bool) if masks else None
+    lordosis = rng.uniform(10, 25) * sz
+    pitch = (27.0 + DISC_MM) * sz
+    corners = {}
+    y = -3 * pitch
+    for i, level in enumerate(LEVELS):
+        h, d, w = _HEIGHT[level] * sz, _DEPTH[level] * sz, _WIDTH[level] * sz
+        if i:
+            y += (_HEIGHT[LEVELS[i - 1]] * sz + h) / 2 + DISC_MM * sz
+        x = lordosis * (y / (3 * pitch)) ** 2
+        ang = -math.atan(2 * lordosis * y / (3 * pitch) ** 2)  # bodies tilt with the curve
+        c = (x, y)
+        corners[level] = _body_corners(c, d, h, ang)
+        body = Solid(cv)
+        _vertebral_body(body, c, d, h, w, ang, bone)
+        body.commit(bone, lambda so, c=c, ang=ang: _vertebral_density(so, c, ang, bone),
+                    mask if level in ("L1", "L2", "L3", "L4") else None)
+        ca, sa = math.cos(ang), math.sin(ang)
+
+        def at(du, dv, x=x, y=y, ca=ca, sa=sa):
+            return (x + ca * du - sa * dv, y + sa * du + ca * dv)
+        post = Solid(cv)
+        post.tube(at(d / 2, -h / 2 + 6 * sz), at(d / 2 + 16 * sz, -h / 2 + 6 * sz), 5.0 * sz, 4.5 * sz, 1.0 * bone.cortex)
+        post.ellipsoid(at(d / 2 + 21 * sz, -h / 2 + 5 * sz), 8 * sz, 11 * sz, 20.0, 0.3, 1.2 * bone.cortex)
+        post.ellipsoid(at(d / 2 + 21 * sz, h / 2 + 4 * sz), 6 * sz, 8 * sz, 16.0, 0.3, 1.2 * bone.cortex)
+        post.tube(at(d / 2 + 24 * sz, 2 * sz), at(d / 2 + 58 * sz, 8 * sz), 6.5 * sz, 5.0 * sz, 1.2 * bone.cortex)
+        if level == "T12":
+            post.tube(at(d / 2 + 10 * sz, -4 * sz), at(-40 * sz, 70 * sz), 5.0, 4.0, 1.2 * bone.cortex)
+        post.commit(bone)
+    pelvis = Bone(p.latent_t)
+    l5 = np.mean(corners["L5"], axis=0)
+    il = Solid(cv)
+    wing = (l5[0] + 25 * sz, l5[1] + 75 * sz)
+    il.plate((wing[0] - 80 * sz, wing[1] - 70 * sz, wing[0] + 80 * sz, wing[1] + 70 * sz),
+             lambda X, Y: 14.0 * _ellipse_inside(X, Y, wing, 70 * sz, 60 * sz, 0.4, 2.0), 1.2 * pelvis.cortex)
+    il.ring(wing, 70 * sz, 60 * sz, 0.4, 5.0, 1.5 * pelvis.cortex, arc=(-math.pi + 0.3, -0.1))
+    il.commit(pelvis)
+    # Sacrum: S1-S3 bodies along a curve down and back from a sloping S1 end plate.
+    slope = -rng.uniform(0.55, 0.8)
+    centre = np.array([l5[0] + 6 * sz, l5[1] + (_HEIGHT["L5"] / 2 + DISC_MM + 14) * sz])
+    for i, (d, h) in enumerate(((40.0, 28.0), (32.0, 22.0), (24.0, 18.0))):
+        sacral = Solid(cv)
+        angle = slope - 0.25 * i
+        _vertebral_body(sacral, tuple(centre), d * sz, h * sz, 40.0 * sz, angle, pelvis)
+        sacral.commit(pelvis)
+        centre = centre + np.array([-math.sin(angle), math.cos(angle)]) * (h + 4.0) * sz
+    box_pts = np.array([pt for lv in ("L1", "L2", "L3", "L4") for pt in corners[lv]])
+    return {"lumbar_spine": (box_pts, mask)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Chest (PA), only to test that non-screening images are skipped
+# ----------------------------------------------------------------------------------------------
+def _chest_scene(cv: Canvas, p: Patient, rng, masks: bool) -> dict:
+    sz, bmi = p.size, p.bmi
+    width, depth = min(420.0, (310 + 5.0 * (bmi - 25)) * sz), (220 + 5.0 * (bmi - 25)) * sz
+    cv.soft += _body_chord(cv.X, 0.0, width, depth) * _sigmoid((cv.Y + 170 * sz) / 8.0)
+    for side in (-1, 1):  # lungs: air replaces ~80 % of the tissue; the heart takes room on the left
+        centre = (side * 72 * sz, -20 * sz)
+        sl = cv.window(centre[0] - 80 * sz, -170 * sz, centre[0] + 80 * sz, 150 * sz)
+        if sl is None:
+            continue
+        X, Y = cv.X[sl], cv.Y[sl]
+        lung = _ellipse_inside(X, Y, centre, 58 * sz, 115 * sz, 0.0, 4.0)
+        lung = lung * _sigmoid((60 * sz + 25 * sz * np.square((X - centre[0]) / (60 * sz)) - Y) / 4.0)
+        if side > 0:
+            lung = lung * (1 - _ellipse_inside(X, Y, (30 * sz, 55 * sz), 70 * sz, 50 * sz, -0.3, 5.0))
+        cv.soft[sl] -= 0.8 * 150 * sz * np.sqrt(np.maximum(1 - np.square((X - centre[0]) / (60 * sz)), 0)) * lung
+    bone = Bone(p.latent_t)
+    spine = Solid(cv)
+    for i in range(12):  # thoracic bodies, simplified
+        spine.ellipsoid((0.0, -180 * sz + i * 30 * sz), 17 * sz, 11 * sz, 26.0, 0.0, 1.0 * bone.cortex)
+    spine.commit(bone)
+    ribs = Solid(cv)
+    for i in range(10):
+        y0 = -150 * sz + i * 22 * sz
+        for side in (-1, 1):
+            ribs.ring((side * 25 * sz, y0 + 45 * sz), (70 + 3 * i) * sz, 50 * sz, side * 0.35, 4.5 * sz,
+                      1.2 * bone.cortex, arc=_mirror((-math.pi + 0.6, -0.3), side))
+    for side in (-1, 1):  # clavicles
+        ribs.tube((side * 20 * sz, -150 * sz), (side * 150 * sz, -175 * sz), 6.0 * sz, 5.0 * sz, 1.5 * bone.cortex)
+    ribs.commit(bone)
+    return {}
+
+
+SCENES = {("hip", "ap"): _pelvis_scene, ("lumbar", "ap"): _lumbar_ap_scene,
+          ("lumbar", "lat"): _lumbar_lat_scene, ("chest", "pa"): _chest_scene, ("chest", "ap"): _chest_scene}
+FIELDS = {"hip": ((280, 350), (380, 430)), "lumbar": ((330, 430), (220, 300)), "chest": ((350, 430), (350, 430))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering and exposure
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Rendered:
+    """The coarse attenuation image and per-site truth before exposure to a detector."""
+
+    attenuation: np.ndarray  # coarse grid, log attenuation (bone bright)
+    field_mm: tuple[float, float]
+    sites: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)  # field-mm points, mask
+
+
+def render(kind: str, view: str, patient: Patient, rng: np.random.Generator, *, masks: bool = False,
+           pose: bool = True, field_mm: tuple[float, float] | None = None) -> Rendered:
+    """Lay out one view of one patient and return its attenuation image on the coarse grid."""
+    (h0, h1), (w0, w1) = FIELDS[kind]
+    drawn = (rng.uniform(h0, h1), rng.uniform(w0, w1))
+    field_mm = field_mm or drawn
+    if pose:
+        angle, mag = math.radians(rng.uniform(-5, 5)), rng.uniform(1.0, 1.08)
+        shift = (rng.uniform(-18, 18), rng.uniform(-15, 15))
+    else:
+        angle, mag, shift = 0.0, 1.06, (0.0, 0.0)
+    if kind == "lumbar":  # fields are centred near L3/L4, lateral ones over the posterior elements
+        shift = (shift[0] - (25.0 if view == "lat" else 0.0), shift[1] + 12.0)
+    cv = Canvas(field_mm, angle, mag, shift, rng)
+    sites = SCENES[(kind, view)](cv, patient, rng, masks)
+    att = MU_SOFT * np.maximum(cv.soft, 0.0) + MU_BONE * (cv.cort + cv.trab)
+    truth = {s: (cv.to_field(pts), m) for s, (pts, m) in sites.items()}
+    return Rendered(att.astype(np.float32), field_mm, truth)
+
+
+def _processing(att: np.ndarray, step_mm: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter, log, dynamic-range compression and edge enhancement of random strength on the coarse
+    grid; returns (presentation values, relative noise sigma per coarse pixel)."""
+    primary = np.exp(-att)
+    small = primary[::8, ::8]
+    scatter = ndimage.zoom(ndimage.gaussian_filter(small, 40.0 / (8 * step_mm)),
+                           (att.shape[0] / small.shape[0], att.shape[1] / small.shape[1]), order=1)
+    scatter = scatter[:att.shape[0], :att.shape[1]]
+    if scatter.shape != att.shape:
+        scatter = np.pad(scatter, [(0, att.shape[0] - scatter.shape[0]), (0, att.shape[1] - scatter.shape[1])], mode="edge")
+    signal = primary + rng.uniform(0.05, 0.3) * scatter
+    log = -np.log(np.maximum(signal, 1e-9))
+    drc = rng.uniform(0.4, 0.8) * (ndimage.gaussian_filter(log[::4, ::4], 30.0 / (4 * step_mm)) - log.mean())
+    log = log - ndimage.zoom(drc, (log.shape[0] / drc.shape[0], log.shape[1] / drc.shape[1]), order=1)[:log.shape[0], :log.shape[1]]
+    log = log + rng.uniform(0.0, 0.8) * (log - ndimage.gaussian_filter(log, 1.5 / step_mm))
+    sigma = 1.0 / np.sqrt(np.maximum(signal, 1e-9))
+    return log.astype(np.float32), sigma.astype(np.float32)
+
+
+def mean_anatomy(kind: str, view: str, count: int = 8) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+    """The localiser's atlas: mean attenuation of `count` unposed phantoms (T = -1.25, anatomy and
+    body habitus varying) on one fixed field, its pixel size in mm, and the mean site landmarks
+    (field mm, rows and columns)."""
+    rng = np.random.default_rng(20240607)
+    (h0, h1), (w0, w1) = FIELDS[kind]
+    field_mm = ((h0 + h1) / 2, (w0 + w1) / 2)
+    images, marks = [], {}
+    for _ in range(count):
+        patient = draw_patient(rng)
+        patient.t_scores = dict.fromkeys(patient.t_scores, -1.25)
+        r = render(kind, view, patient, rng, pose=False, field_mm=field_mm)
+        images.append(r.attenuation)
+        for site, (points, _) in r.sites.items():
+            marks.setdefault(site, []).append(points)
+    mean = np.mean(images, axis=0)
+    return mean, field_mm[0] / mean.shape[0], {s: np.mean(p, axis=0) for s, p in marks.items()}
+
+
+@dataclass
+class Exposure:
+    pixels: np.ndarray  # uint16 stored values
+    bits_stored: int
+    photometric: str
+    spacing_mm: float
+
+
+def expose(r: Rendered, rng: np.random.Generator, *, photometric: str | None = None) -> tuple[Exposure, dict]:
+    """Put the coarse image on a detector: up-sample, noise, window, gamma, bits, photometric.
+    Returns the exposure and the site boxes in detector pixels."""
+    spacing = float(rng.uniform(0.14, 0.20))
+    shape = tuple(int(round(f / spacing)) for f in r.field_mm)
+    step = r.field_mm[0] / r.attenuation.shape[0]
+    log, sigma = _processing(r.attenuation, step, rng)
+    dose = rng.uniform(2e4, 1.2e5) * (spacing / 0.15) ** 2  # photons per detector pixel, unattenuated
+    lo, hi = np.percentile(log[::2, ::2], [rng.uniform(0.1, 2.0), rng.uniform(99.0, 99.95)])
+    hi = hi + rng.uniform(0.0, 0.15) * (hi - lo)
+    coarse = torch.from_numpy(np.stack([log, sigma / math.sqrt(dose)]))[None]
+    fine = F.interpolate(coarse, size=shape, mode="bilinear", align_corners=False)[0]
+    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    img = fine[0].add_(fine[1].mul_(torch.randn(shape, generator=gen)))
+    idx = img.sub_(float(lo)).mul_(65535.0 / float(hi - lo)).clamp_(0, 65535).to(torch.int32)
+    bits = int(rng.choice([12, 14, 15, 16]))
+    top = 2 ** bits - 1
+    photometric = photometric or ("MONOCHROME1" if rng.random() < 0.4 else "MONOCHROME2")
+    gamma = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
+    offset = rng.uniform(0.0, 0.06) * top
+    gain = rng.uniform(0.75, 0.98) * (top - offset)
+    lut = offset + gain * np.linspace(0.0, 1.0, 65536) ** gamma
+    if photometric == "MONOCHROME1":
+        lut = top - lut
+    lut = torch.from_numpy(np.clip(np.round(lut), 0, top).astype(np.int32))
+    pixels = lut[idx].numpy().astype(np.uint16)
+    boxes = {s: _box(pts, spacing, shape) for s, (pts, _) in r.sites.items()}
+    return Exposure(pixels, bits, photometric, spacing), boxes
+
+
+def _box(points_mm: np.ndarray, spacing: float, shape) -> tuple[int, int, int, int]:
+    """Smallest pixel box (exclusive ends) around field-mm points, clipped to the image."""
+    rows, cols = points_mm[:, 0] / spacing, points_mm[:, 1] / spacing
+    return (max(0, int(math.floor(rows.min()))), max(0, int(math.floor(cols.min()))),
+            min(shape[0], int(math.ceil(rows.max()))), min(shape[1], int(math.ceil(cols.max()))))
+
+
+def upsample_mask(mask: np.ndarray, shape) -> np.ndarray:
+    """Nearest-neighbour resize of a coarse boolean mask to the detector grid."""
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0], mask.shape[0] - 1).astype(np.intp)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1], mask.shape[1] - 1).astype(np.intp)
+    return mask[rows[:, None], cols[None, :]]
