@@ -37,7 +37,7 @@ class SiteTruth:
     t_score: float
     category: str
     box: tuple[int, int, int, int]  # row0, col0, row1, col1 in source pixels, exclusive ends
-    mask: np.ndarray | None  # bone of the site on the source grid (bool), None when not made
+    mask: np.ndarray | None  # the site's bone on the source grid (whole femur; L1-L4 bodies), or None
 
 
 @dataclass

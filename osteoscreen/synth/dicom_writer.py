@@ -6,6 +6,7 @@ descriptions) and the covariates the model reads (age, sex, size, weight), never
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -100,8 +101,8 @@ def _patient_modules(ds: Dataset, study: StudyInfo) -> None:
     ds.AccessionNumber = study.accession
 
 
-def _series_modules(ds: Dataset, kind: str, image: ImageInfo) -> None:
-    body_part, _, study_description, series_stem = REGIONS[kind]
+def _series_modules(ds: Dataset, image: ImageInfo) -> None:
+    body_part, _, study_description, series_stem = REGIONS[image.kind]
     ds.StudyDescription = study_description
     ds.Modality = "DX"
     ds.SeriesInstanceUID = image.series_uid
@@ -179,7 +180,7 @@ def build_dataset(pixels: np.ndarray, study: StudyInfo, image: ImageInfo) -> Dat
     ds.SOPClassUID = DX_FOR_PRESENTATION
     ds.SOPInstanceUID = image.sop_uid
     _patient_modules(ds, study)
-    _series_modules(ds, image.kind, image)
+    _series_modules(ds, image)
     _image_modules(ds, pixels, study, image)
     return ds
 
@@ -190,7 +191,7 @@ def write_dataset(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLitt
     uid = UID(transfer_syntax)
     if not uid.is_valid or not uid.is_transfer_syntax:
         raise ValueError(f"{transfer_syntax!r} is not a transfer syntax UID pydicom knows")
-    out = ds.copy()
+    out = copy.deepcopy(ds)  # a shallow copy would share file_meta with the caller's dataset
     try:
         if uid.is_compressed:
             out.compress(uid)
@@ -198,6 +199,8 @@ def write_dataset(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLitt
                 out.LossyImageCompression = "01"
         else:
             out.file_meta.TransferSyntaxUID = uid
+            if not uid.is_little_endian:  # pydicom writes OW bytes as they are: swap them here
+                out.PixelData = np.frombuffer(ds.PixelData, "<u2").astype(">u2").tobytes()
         path.parent.mkdir(parents=True, exist_ok=True)
         out.save_as(path, enforce_file_format=True)
     except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:

@@ -10,8 +10,8 @@ How an image is made
    length* through cortical and trabecular bone (chords of the solids: cortex is the outer chord minus
    the inner one, so tangential cortex shows as a bright line), soft tissue (body contour from BMI),
    and gas. A similarity pose (rotation, translation, magnification) places the anatomy in the field.
-3. *Bone density* from T: trabecular volume fraction f0(T) = 0.24 (1 + 0.12 T), cortical thickness
-   x (1 + 0.08 T), cortical density x (1 + 0.03 T), and the trabecular *pattern*: in the femoral neck
+3. *Bone density* from T: trabecular volume fraction f0(T) = 0.24 (1 + 0.15 T), cortical thickness
+   x (1 + 0.10 T), cortical density x (1 + 0.03 T), and the trabecular *pattern*: in the femoral neck
    the Singh groups (secondary/trochanteric fade first, then the principal tensile arcs, the
    principal compressive fan last; Ward's triangle widens); in vertebrae horizontal trabeculae fade
    before vertical ones. Textures are oriented cosine stripes with a smooth random phase wobble plus
@@ -22,6 +22,7 @@ How an image is made
    torch, quantum noise (its sigma follows exp(A/2), dose random) is added at the detector pitch,
    then a random window, gamma (0.75-1.33), gain, offset, 12-16 stored bits and MONOCHROME1 or 2 are
    applied through one look-up table.
+The same generator draws the localiser's atlas (`mean_anatomy`): unposed phantoms averaged.
 Image orientation is the standard display: patient's right on image left for AP/PA views (left_hip on
 the image's right side), anterior on image left for the lateral lumbar view.
 
@@ -41,8 +42,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-
-from ..findings import who_category
 
 GRID_MM = 0.5
 T_RANGE = (-4.5, 2.0)
@@ -78,7 +77,7 @@ def draw_patient(rng: np.random.Generator) -> Patient:
     sites = {s: float(np.clip(latent + rng.normal(0.0, SITE_T_NOISE), *T_RANGE))
              for s in ("left_hip", "right_hip", "lumbar_spine")}
     sex = "F" if rng.random() < 0.7 else "M"
-    age = int(np.clip(round(66.0 - 2.0 * latent + rng.normal(0.0, 9.0)), 40, 95))
+    age = int(np.clip(round(66.0 - 1.7 * latent + rng.normal(0.0, 9.0)), 40, 95))
     height = float(np.clip(rng.normal(1.62 if sex == "F" else 1.76, 0.07), 1.40, 2.00))
     bmi = float(np.clip(rng.normal(26.5, 4.5), 17.0, 42.0))
     size = height / 1.65 * float(rng.uniform(0.96, 1.04))
@@ -153,7 +152,7 @@ class Canvas:
         self.cort = np.zeros(self.shape, np.float32)
         self.trab = np.zeros(self.shape, np.float32)
         white = rng.standard_normal(self.shape, dtype=np.float32)
-        fine = ndimage.gaussian_filter(white, 0.8) - ndimage.gaussian_filter(white, 2.5)
+        fine = ndimage.gaussian_filter(white, 1.0) - ndimage.gaussian_filter(white, 3.0)
         self.fine = fine / (fine.std() + 1e-6)
         wob = ndimage.gaussian_filter(rng.standard_normal(self.shape, dtype=np.float32), 5.0)
         self.wobble = wob / (wob.std() + 1e-6)
@@ -264,7 +263,7 @@ class Solid:
             np.maximum(outer[local], o, out=outer[local])
             np.maximum(inner[local], i, out=inner[local])
         if density is None:
-            fraction = bone.trabecular * (0.8 + 0.25 * bone.group(-1.5) * self.cv.fine[self.sl])
+            fraction = bone.trabecular * (0.8 + 0.15 * bone.group(-1.5) * self.cv.fine[self.sl])
         else:
             fraction = density(self)
         self.cv.cort[self.sl] += np.maximum(outer - inner, 0.0) * bone.cortical_density
@@ -296,7 +295,7 @@ def _gas(cv: Canvas, rng, region, count):
         if sl is None:
             continue
         inside = _ellipse_inside(cv.X[sl], cv.Y[sl], c, a, b, rng.uniform(0, math.pi), soft=4.0)
-        cv.soft[sl] -= rng.uniform(15, 50) * inside
+        cv.soft[sl] -= rng.uniform(15, 35) * inside
 
 
 def _stripes(phase, wobble, fine):
@@ -342,7 +341,7 @@ def _femur(cv: Canvas, shape: FemurShape, lat: int, bone: Bone, size: float, mas
     sol.tube(H, J, 15.5 * sz, 21.0 * sz, 2.0 * k)
     sol.tube(J + s * 4.0 * sz, J + s * 80.0 * sz, 23.0 * sz, 15.5 * sz, 2.5 * k, 6.0 * k)
     sol.ellipsoid(gt, gt_a, gt_b, 36.0 * sz, math.radians(lat * 8), 1.5 * k)
-    sol.tube(gt, J + s * 60.0 * sz, 12.0 * sz, 17.0 * sz, 1.5 * k, 3.5 * k)  # lateral wall below the trochanter
+    sol.tube(gt, J + s * 75.0 * sz, 12.0 * sz, 15.5 * sz, 1.5 * k, 6.0 * k)  # lateral wall below the trochanter
     sol.ellipsoid(lt, lt_r * 1.3, lt_r, 16.0 * sz, math.atan2(s[1], s[0]) + lat * 0.5, 1.5 * k)
     sol.tube(J + s * 80.0 * sz, J + s * 320.0, 15.5 * sz, 14.0 * sz, 6.0 * k)
     sol.commit(bone, lambda so: _singh_density(so, H, R, J, s, lat, bone, sz), mask)
@@ -374,8 +373,8 @@ def _singh_density(sol: Solid, H, R, J, s, lat, bone: Bone, size):
     a_s, a_t, a_c = bone.group(-0.8), bone.group(-2.3), bone.group(-3.6, floor=0.35)
     along = (X - J[0]) * s[0] + (Y - J[1]) * s[1]
     canal = 0.12 + 0.88 * _sigmoid((65.0 * size - along) / 8.0)
-    pattern = (0.45 + 0.55 * a_c * w_c * (1 + 0.6 * s_c) + 0.45 * a_t * w_t * (1 + 0.6 * s_t)
-               + 0.3 * a_s * (1 + 0.8 * fine))
+    pattern = (0.45 + 0.55 * a_c * w_c * (1 + 0.8 * s_c) + 0.45 * a_t * w_t * (1 + 0.8 * s_t)
+               + 0.3 * a_s * (1 + 0.5 * fine))
     return bone.trabecular * canal * pattern
 
 
@@ -549,7 +548,7 @@ def _lumbar_ap_scene(cv: Canvas, p: Patient, rng, masks: bool) -> dict:
     for side in (-1, 1):  # psoas shadows: soft-tissue wedges beside the spine
         sl = cv.window(side * 45 * sz - 60, -120 * sz, side * 45 * sz + 60, 200 * sz)
         if sl is not None:
-            cv.soft[sl] += 25.0 * _ellipse_inside(cv.X[sl], cv.Y[sl], (side * 45 * sz, 60 * sz), 28 * sz, 120 * sz,
+            cv.soft[sl] += 12.0 * _ellipse_inside(cv.X[sl], cv.Y[sl], (side * 45 * sz, 60 * sz), 28 * sz, 120 * sz,
                                                   side * 0.25, 6.0)
     _gas(cv, rng, (-130 * sz, -60 * sz, 130 * sz, 150 * sz), int(rng.integers(3, 10)))
     bone = Bone(p.t_scores["lumbar_spine"])
@@ -705,20 +704,20 @@ def render(kind: str, view: str, patient: Patient, rng: np.random.Generator, *, 
     return Rendered(att.astype(np.float32), field_mm, truth)
 
 
+def _wide_blur(image: np.ndarray, sigma_mm: float, step_mm: float, stride: int) -> np.ndarray:
+    """A Gaussian blur of many millimetres, computed on a decimated copy and interpolated back."""
+    small = ndimage.gaussian_filter(image[::stride, ::stride], sigma_mm / (stride * step_mm))
+    return F.interpolate(torch.from_numpy(np.ascontiguousarray(small))[None, None], size=image.shape,
+                         mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
 def _processing(att: np.ndarray, step_mm: float, rng) -> tuple[np.ndarray, np.ndarray]:
     """Scatter, log, dynamic-range compression and edge enhancement of random strength on the coarse
     grid; returns (presentation values, relative noise sigma per coarse pixel)."""
     primary = np.exp(-att)
-    small = primary[::8, ::8]
-    scatter = ndimage.zoom(ndimage.gaussian_filter(small, 40.0 / (8 * step_mm)),
-                           (att.shape[0] / small.shape[0], att.shape[1] / small.shape[1]), order=1)
-    scatter = scatter[:att.shape[0], :att.shape[1]]
-    if scatter.shape != att.shape:
-        scatter = np.pad(scatter, [(0, att.shape[0] - scatter.shape[0]), (0, att.shape[1] - scatter.shape[1])], mode="edge")
-    signal = primary + rng.uniform(0.05, 0.3) * scatter
+    signal = primary + rng.uniform(0.05, 0.3) * _wide_blur(primary, 40.0, step_mm, 8)
     log = -np.log(np.maximum(signal, 1e-9))
-    drc = rng.uniform(0.4, 0.8) * (ndimage.gaussian_filter(log[::4, ::4], 30.0 / (4 * step_mm)) - log.mean())
-    log = log - ndimage.zoom(drc, (log.shape[0] / drc.shape[0], log.shape[1] / drc.shape[1]), order=1)[:log.shape[0], :log.shape[1]]
+    log = log - rng.uniform(0.4, 0.8) * (_wide_blur(log, 30.0, step_mm, 4) - log.mean())
     log = log + rng.uniform(0.0, 0.8) * (log - ndimage.gaussian_filter(log, 1.5 / step_mm))
     sigma = 1.0 / np.sqrt(np.maximum(signal, 1e-9))
     return log.astype(np.float32), sigma.astype(np.float32)
@@ -754,7 +753,7 @@ class Exposure:
 def expose(r: Rendered, rng: np.random.Generator, *, photometric: str | None = None) -> tuple[Exposure, dict]:
     """Put the coarse image on a detector: up-sample, noise, window, gamma, bits, photometric.
     Returns the exposure and the site boxes in detector pixels."""
-    spacing = float(rng.uniform(0.14, 0.20))
+    spacing = round(float(rng.uniform(0.14, 0.20)), 4)  # as the header will state it
     shape = tuple(int(round(f / spacing)) for f in r.field_mm)
     step = r.field_mm[0] / r.attenuation.shape[0]
     log, sigma = _processing(r.attenuation, step, rng)
@@ -768,7 +767,8 @@ def expose(r: Rendered, rng: np.random.Generator, *, photometric: str | None = N
     idx = img.sub_(float(lo)).mul_(65535.0 / float(hi - lo)).clamp_(0, 65535).to(torch.int32)
     bits = int(rng.choice([12, 14, 15, 16]))
     top = 2 ** bits - 1
-    photometric = photometric or ("MONOCHROME1" if rng.random() < 0.4 else "MONOCHROME2")
+    drawn = "MONOCHROME1" if rng.random() < 0.4 else "MONOCHROME2"  # drawn always: same seed, same rest
+    photometric = photometric or drawn
     gamma = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
     offset = rng.uniform(0.0, 0.06) * top
     gain = rng.uniform(0.75, 0.98) * (top - offset)
