@@ -154,7 +154,8 @@ def write_plots(data: dict, folder: Path) -> list[str]:
                 ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y == i, probs[:, i]):.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, one vs rest")
-        ax.legend(loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right")
         written.append(_save(fig, folder / "roc.png"))
         fig, ax = plt.subplots(figsize=(5, 5))
         edges = np.linspace(0, 1, 11)

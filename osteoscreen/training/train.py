@@ -137,8 +137,13 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
     if resume and last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=False)
         net.load_state_dict(state["state_dict"]), opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"]), gen.set_state(state["generator"])
+        gen.set_state(state["generator"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        if state.get("epochs") == cfg.epochs:
+            sched.load_state_dict(state["scheduler"])
+        else:  # training extended: one new learning-rate cycle over the added epochs
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch)
     x, cov, st, y, t = _tensors(tr, device)
     t_norm = (t - t_mean) / t_std
     for epoch in range(start_epoch, cfg.epochs):
@@ -156,8 +161,8 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         vl, vt = predict_logits(net, va, device)
         val_acc = float((vl.argmax(1).numpy() == va.labels).mean())
         val_mae = float(np.abs(vt.numpy() * t_std + t_mean - va.t_scores).mean())
@@ -165,7 +170,7 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
         if progress:
             tqdm.write(f"epoch {epoch + 1}: loss {total / len(tr):.4f}  val accuracy {val_acc:.3f}  val T MAE {val_mae:.3f}")
         torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "epoch": epoch, "history": history}, last)
+                    "generator": gen.get_state(), "epoch": epoch, "epochs": cfg.epochs, "history": history}, last)
     vl, _ = predict_logits(net, va, device)
     temperature = fit_temperature(vl, torch.from_numpy(va.labels))
     metrics = {"validation": _report(net, va, device, temperature, t_mean, t_std, out, "validation")}
