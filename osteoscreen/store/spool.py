@@ -35,39 +35,25 @@ class Spool:
     def new_tmp_path(self, suffix: str = ".part") -> Path:
         return self.tmp / f"{uuid.uuid4().hex}{suffix}"
 
-    def _final_path(self) -> Path:
+    def _place(self, staged: Path) -> Path:
+        """fsync a finished file under tmp/, rename it into today's folder, fsync the folder."""
+        fsync_file(staged)
         day = datetime.now(timezone.utc).strftime("%Y%m%d")
         folder = self.root / day
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{uuid.uuid4().hex}.dcm"
+        final = folder / f"{uuid.uuid4().hex}.dcm"
+        os.replace(staged, final)
+        fsync_dir(folder)
+        return final
 
     def adopt(self, src: Path) -> Path:
         """Move a finished file (e.g. pynetdicom's temporary file) into the spool durably."""
         staged = self.new_tmp_path()
         shutil.move(str(src), staged)  # a rename when on the same file system, else a streamed copy
-        fsync_file(staged)
-        final = self._final_path()
-        os.replace(staged, final)
-        fsync_dir(final.parent)
-        return final
-
-    def write_bytes(self, data: bytes) -> Path:
-        staged = self.new_tmp_path()
-        with open(staged, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        final = self._final_path()
-        os.replace(staged, final)
-        fsync_dir(final.parent)
-        return final
+        return self._place(staged)
 
     def write_dataset(self, ds) -> Path:
         """Write a pydicom Dataset in the DICOM file format, durably."""
         staged = self.new_tmp_path()
         ds.save_as(staged, enforce_file_format=True)
-        fsync_file(staged)
-        final = self._final_path()
-        os.replace(staged, final)
-        fsync_dir(final.parent)
-        return final
+        return self._place(staged)
