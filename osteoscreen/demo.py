@@ -50,7 +50,8 @@ class StandInPACS:
         index = self.studies.setdefault(str(ds.StudyInstanceUID), len(self.studies) + 1)
         study = self.folder / f"study{index:02d}"  # folder names never come from received UIDs
         study.mkdir(parents=True, exist_ok=True)
-        path = study / f"{len(self.received):04d}_{ds.Modality}.dcm"
+        kind = "SR" if ds.SOPClassUID == SR_CLASS else "heatmap"
+        path = study / f"{len(self.received):04d}_{kind}.dcm"
         ds.save_as(path, enforce_file_format=True)
         self.received.append(path)
         return 0
@@ -114,6 +115,7 @@ def _print_results(studies: dict, received: list[Path]) -> None:
     for label, images in studies.items():
         uid = str(images[0].dataset.StudyInstanceUID)
         truth = {s: t.t_score for im in images for s, t in im.sites.items()}
+        views = {str(im.dataset.SOPInstanceUID): im.view.upper() for im in images}
         print(f"\n{label} study (phantom truth: " + ", ".join(f"{s} T={t:+.1f}" for s, t in truth.items()) + ")")
         for path in sorted(by_study.get(uid, [])):
             ds = dcmread(path)
@@ -121,7 +123,7 @@ def _print_results(studies: dict, received: list[Path]) -> None:
                 for f in read_sr(ds):
                     text = (f"{f.category}, estimated T-score {f.t_score:+.1f}" if f.assessable
                             else f"not assessable ({f.reason})")
-                    print(f"  {f.site:<13} {text}")
+                    print(f"  {f.site:<13} {views.get(f.source_sop_instance_uid, ''):<4} {text}")
                 print(f"  SR:      {path}")
             else:
                 print(f"  heatmap: {path}")

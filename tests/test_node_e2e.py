@@ -50,9 +50,9 @@ def port_open(port: int) -> bool:
 class Peer:
     """DCMTK storescp standing in for the PACS."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, port: int | None = None):
         require_tool("storescp")
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port = folder, port or free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(folder), "+xa", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -257,3 +257,35 @@ def test_echo_and_bad_object_keep_node_up(tmp_path, peer, node):
     assert wait_for(lambda: len(peer.objects()) >= 2, 120)
     with node.db().connect() as c:
         assert c.execute(text("SELECT count(*) FROM audit_events WHERE event='rejected'")).scalar() == 1
+
+
+def test_destination_down_then_up_every_result_delivered_once(tmp_path):
+    """Sends to a dead PACS are retried with backoff (APScheduler) until it comes up."""
+    pacs_port = free_port()
+    os.environ["OSTEOSCREEN_DISPATCH_BACKOFF_SECONDS"] = "0.5"
+    try:
+        node = NodeProcess(tmp_path / "var", pacs_port)
+    finally:
+        del os.environ["OSTEOSCREEN_DISPATCH_BACKOFF_SECONDS"]
+    try:
+        files, hip = write_study("hip", tmp_path / "in", seed=20)
+        assert storescu(node.port, files).returncode == 0
+
+        def failed_attempts():
+            with node.db().connect() as c:
+                return c.execute(text("SELECT count(*) FROM deliveries WHERE attempts >= 1 AND state = 'pending' "
+                                      "AND last_error IS NOT NULL")).scalar()
+
+        assert wait_for(lambda: failed_attempts() == 2, 120), node.log.read_text()[-3000:]
+        peer = Peer(tmp_path / "late-pacs", pacs_port)  # the PACS comes up where the node has been trying
+        try:
+            assert wait_for(lambda: len(peer.objects()) >= 2, 120), node.log.read_text()[-3000:]
+            time.sleep(3)  # nothing more arrives: each object once
+            assert len(peer.objects()) == 2
+            with node.db().connect() as c:
+                states = [r[0] for r in c.execute(text("SELECT state FROM deliveries"))]
+            assert states == ["delivered", "delivered"]
+        finally:
+            peer.stop()
+    finally:
+        node.stop()

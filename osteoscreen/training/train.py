@@ -108,7 +108,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
