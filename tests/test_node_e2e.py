@@ -168,6 +168,11 @@ def test_pelvis_and_lumbar_studies_come_back_in_their_studies(tmp_path, peer, no
         rows = c.execute(text("SELECT site, category FROM findings ORDER BY site")).all()
         assert [r[0] for r in rows] == ["left_hip", "lumbar_spine", "lumbar_spine", "right_hip"]
         assert c.execute(text("SELECT count(*) FROM deliveries WHERE state='delivered'")).scalar() == 5
+    log = node.log.read_text()
+    assert "stored" in log  # the node did log its work …
+    for im in hip + lum:  # … without patient names or IDs
+        assert str(im.dataset.PatientID) not in log
+        assert str(im.dataset.PatientName) not in log and str(im.dataset.PatientName).split("^")[0] not in log
 
 
 def test_chest_radiograph_is_accepted_skipped_and_recorded(tmp_path, peer, node):
