@@ -17,6 +17,16 @@ def meta(study="1.2.3", sop="1.2.3.1", eligible=True):
                               eligible=eligible, skip_reason=None if eligible else "chest")
 
 
+def queued_study(db_url) -> Database:
+    """A fresh database holding one study with one eligible image, settled into a queued job."""
+    db = Database(db_url)
+    with db.session() as s:
+        queue.record_instance(s, meta(), "/x/a.dcm", None)
+        s.commit()
+        queue.settle_studies(s, 0, now=utcnow() + timedelta(seconds=1))
+    return db
+
+
 def test_settle_claim_complete(db_url):
     db = Database(db_url)
     with db.session() as s:
@@ -48,11 +58,7 @@ def test_settle_claim_complete(db_url):
 
 
 def test_expired_lease_returns_job_and_stale_owner_cannot_complete(db_url):
-    db = Database(db_url)
-    with db.session() as s:
-        queue.record_instance(s, meta(), "/x/a.dcm", None)
-        s.commit()
-        queue.settle_studies(s, 0, now=utcnow() + timedelta(seconds=1))
+    db = queued_study(db_url)
     with db.session() as s:
         job = queue.claim_job(s, "dead-worker", 60, 3)
         s.query(Job).filter(Job.id == job.id).update({"lease_expires_at": utcnow() - timedelta(seconds=1)})
@@ -67,11 +73,7 @@ def test_expired_lease_returns_job_and_stale_owner_cannot_complete(db_url):
 
 
 def test_failures_are_bounded(db_url):
-    db = Database(db_url)
-    with db.session() as s:
-        queue.record_instance(s, meta(), "/x/a.dcm", None)
-        s.commit()
-        queue.settle_studies(s, 0, now=utcnow() + timedelta(seconds=1))
+    db = queued_study(db_url)
     states = []
     for _ in range(3):
         with db.session() as s:
@@ -86,11 +88,7 @@ def test_failures_are_bounded(db_url):
 
 
 def test_late_image_reopens_reported_study(db_url):
-    db = Database(db_url)
-    with db.session() as s:
-        queue.record_instance(s, meta(), "/x/a.dcm", None)
-        s.commit()
-        queue.settle_studies(s, 0, now=utcnow() + timedelta(seconds=1))
+    db = queued_study(db_url)
     with db.session() as s:
         job = queue.claim_job(s, "w", 60, 3)
         queue.complete_job(s, job.id, "w", [], [], "7.7", "/o/sr.dcm")
