@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from .config import Settings
 from .model.inference import LoadedModel
+from .pipeline.localize import warm_up as warm_up_localiser
 from .pipeline.screen import StudyImage, screen_study
 from .reports.heatmap import build_heatmap
 from .reports.sr import build_sr
@@ -58,6 +59,7 @@ class Worker:
             self._thread.join(timeout=30)
 
     def run_forever(self) -> None:
+        warm_up_localiser()  # in the worker thread: the listener is already accepting meanwhile
         while not self._stop.is_set():
             try:
                 worked = self.run_once()

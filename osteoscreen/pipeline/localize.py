@@ -247,6 +247,12 @@ def _locate_lumbar(work, view, to_source, shape) -> list[SiteLocation]:
     return [SiteLocation("lumbar_spine", _box(best.points, to_source, shape), _confidence(best.ncc))]
 
 
+def warm_up() -> None:
+    """Build every atlas now (about 1.3 s), so that a worker pays it at start-up, not on a study."""
+    for region, view in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
+        _templates(region, view)
+
+
 def locate_sites(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str,
                  *, patient_left_on_image_right: bool = True) -> list[SiteLocation]:
     """Boxes (source pixels, exclusive ends) and confidences for the sites of `region` ("hip":
