@@ -51,6 +51,7 @@ class SiteLocation:
     site: str
     box: tuple[int, int, int, int]  # row0, col0, row1, col1 (exclusive ends)
     confidence: float
+    method: str = "atlas"  # "unet" (learned localiser) or "atlas" (classical fallback)
 
 
 @dataclass
@@ -67,9 +68,14 @@ class SiteFinding:
     reason: str | None = None
     box: tuple[int, int, int, int] | None = None
     confidence: float | None = None
+    # DXA reporting regions within the site, estimated T-score each (hips: "total_hip", which is the
+    # site's t_score, and "femoral_neck"); None where the model reports none.
+    regions: dict[str, float] | None = None
+    # Other source images whose estimate of the same site was fused into this one (lumbar AP + lateral).
+    fused_with: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "site": self.site,
             "class": self.category,
             "probabilities": self.probabilities,
@@ -77,6 +83,11 @@ class SiteFinding:
             "assessable": self.assessable,
             "reason": self.reason,
         }
+        if self.regions:
+            out["regions"] = {k: round(float(v), 2) for k, v in self.regions.items()}
+        if self.fused_with:
+            out["fused_with"] = list(self.fused_with)
+        return out
 
 
 @dataclass

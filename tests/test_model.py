@@ -23,7 +23,7 @@ def test_non_local_block_starts_as_identity():
 def test_forward_shapes():
     net = OsteoNet().eval()
     logits, t = net(torch.randn(3, 1, 128, 128), torch.zeros(3, 7), torch.tensor([0, 1, 2]))
-    assert logits.shape == (3, 3) and t.shape == (3,)
+    assert logits.shape == (3, 3) and t.shape == (3, 1)
 
 
 def test_loaded_model_predicts_calibrated_probabilities_and_cams(tmp_path):

@@ -109,7 +109,8 @@ def findings_for(ds: pydicom.Dataset) -> list[SiteFinding]:
     uid, cls = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
     return [
         SiteFinding("left_hip", uid, cls, True, "osteoporosis",
-                    {"normal": 0.05, "osteopenia": 0.17, "osteoporosis": 0.78}, -2.87, box=LEFT_BOX),
+                    {"normal": 0.05, "osteopenia": 0.17, "osteoporosis": 0.78}, -2.87, box=LEFT_BOX,
+                    regions={"total_hip": -2.87, "femoral_neck": -3.12}),
         SiteFinding("right_hip", uid, cls, True, "osteopenia",
                     {"normal": 0.21, "osteopenia": 0.69, "osteoporosis": 0.1}, -1.73, box=RIGHT_BOX),
         SiteFinding("lumbar_spine", uid, cls, False, reason=REASON_SITE_NOT_FOUND),
@@ -249,6 +250,7 @@ def test_read_sr_round_trips_findings(tmp_path):
         assert (got.source_sop_instance_uid, got.source_sop_class_uid) == (want.source_sop_instance_uid,
                                                                            want.source_sop_class_uid)
         assert got.t_score == want.t_score and got.probabilities == want.probabilities
+        assert got.regions == want.regions  # the femoral neck estimate is a measurement with its own finding site
     assert back[2].reason == REASON_SITE_NOT_FOUND and back[2].category is None
     series = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert {s.SeriesInstanceUID for s in series} == {pelvis.SeriesInstanceUID, lumbar.SeriesInstanceUID}

@@ -1,7 +1,10 @@
 """Load a checkpoint once per process and score batches of site crops, with Grad-CAM.
 
 Checkpoint format (torch.save of a dict): state_dict, arch (OsteoNet kwargs), name, version,
-temperature (calibration), t_score_mean/std (regression target scaling), metrics, trained_on.
+temperature (calibration), t_score_mean/std (regression target scaling), metrics, trained_on, and
+optionally t_outputs (names of the T-score outputs after the site's own, e.g. ["femoral_neck"]),
+tta (test-time augmentation on/off, as the metrics were measured) and ood (per site type: mean,
+precision matrix and threshold of the Mahalanobis distance of pooled features on training crops).
 """
 from __future__ import annotations
 
@@ -32,12 +35,39 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+# Test-time augmentation: the crop seen slightly zoomed and shifted (what training jittered);
+# logits are averaged before temperature scaling, so calibration is fitted on the same path.
+TTA_VIEWS = ((1.0, 0.0, 0.0), (0.94, 0.0, 0.0), (1.06, 0.0, 0.0), (1.0, 0.04, 0.04), (1.0, -0.04, -0.04))
+
+
+def tta_batch(x: torch.Tensor, scale: float, dy: float, dx: float) -> torch.Tensor:
+    """The crop batch x (N×1×S×S) resampled at `scale` (>1 zooms out) and shifted by (dy, dx) of half the side."""
+    if scale == 1.0 and dy == 0.0 and dx == 0.0:
+        return x
+    theta = torch.tensor([[scale, 0.0, dx], [0.0, scale, dy]], dtype=x.dtype, device=x.device)
+    grid = torch.nn.functional.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def mahalanobis(embeddings: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    d = embeddings - mean
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0.0))
+
+
 @dataclass
 class Prediction:
     probabilities: np.ndarray  # N×3, calibrated
-    t_scores: np.ndarray  # N
+    t_scores: np.ndarray  # N, the site's T-score (for hips: total hip)
     cams: np.ndarray  # N×S×S in [0, 1]
     embeddings: np.ndarray  # N×F pooled features (for out-of-distribution checks)
+    region_t_scores: dict[str, np.ndarray] | None = None  # sub-region name → N (NaN where not reported)
+    ood_distance: np.ndarray | None = None  # N, Mahalanobis distance to the training crops of that site type
+    ood_threshold: np.ndarray | None = None  # N, the distance above which a crop is out of distribution
+
+    def out_of_distribution(self) -> np.ndarray:
+        if self.ood_distance is None or self.ood_threshold is None:
+            return np.zeros(len(self.t_scores), dtype=bool)
+        return self.ood_distance > self.ood_threshold
 
 
 class LoadedModel:
@@ -53,6 +83,10 @@ class LoadedModel:
         self.temperature = float(ckpt.get("temperature", 1.0))
         self.t_mean = float(ckpt.get("t_score_mean", 0.0))
         self.t_std = float(ckpt.get("t_score_std", 1.0))
+        self.region_names = list(ckpt.get("t_outputs", []))
+        self.tta = bool(ckpt.get("tta", False))
+        self.ood = {int(k): (np.asarray(v["mean"], np.float64), np.asarray(v["precision"], np.float64),
+                             float(v["threshold"])) for k, v in (ckpt.get("ood") or {}).items()}
         self.checkpoint = ckpt
         self.info = ModelInfo(name=ckpt.get("name", "osteoscreen-osteonet"), version=ckpt.get("version", "0"),
                               checksum=file_sha256(self.path))
@@ -60,15 +94,23 @@ class LoadedModel:
     def predict(self, crops: np.ndarray, covariates: np.ndarray, site_types: np.ndarray,
                 batch_size: int = 32) -> Prediction:
         """crops: N×S×S normalised; covariates: N×7; site_types: N ints."""
-        probs, ts, cams, embs = [], [], [], []
-        for start in range(0, len(crops), batch_size):
-            sl = slice(start, start + batch_size)
-            p, t, c, e = self._predict_batch(crops[sl], covariates[sl], site_types[sl])
-            probs.append(p), ts.append(t), cams.append(c), embs.append(e)
-        if not probs:
+        site_types = np.asarray(site_types, dtype=np.int64)
+        parts = [self._predict_batch(crops[i:i + batch_size], covariates[i:i + batch_size], site_types[i:i + batch_size])
+                 for i in range(0, len(crops), batch_size)]
+        if not parts:
             s = crops.shape[-1] if crops.ndim == 3 else 0
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
-        return Prediction(np.concatenate(probs), np.concatenate(ts), np.concatenate(cams), np.concatenate(embs))
+        probs, ts, cams, embs = (np.concatenate(p) for p in zip(*parts))
+        regions = {name: ts[:, k + 1] for k, name in enumerate(self.region_names)} or None
+        pred = Prediction(probs, ts[:, 0], cams, embs, regions)
+        if self.ood:
+            dist, limit = np.full(len(ts), np.nan), np.full(len(ts), np.inf)
+            for st, (mean, precision, threshold) in self.ood.items():
+                m = site_types == st
+                if m.any():
+                    dist[m], limit[m] = mahalanobis(embs[m].astype(np.float64), mean, precision), threshold
+            pred.ood_distance, pred.ood_threshold = dist, limit
+        return pred
 
     def _predict_batch(self, crops, covariates, site_types):
         x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None].to(self.device)
@@ -87,6 +129,12 @@ class LoadedModel:
             cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-8)
             cam = cam / peak[:, None, None]
+            logits, t_norm = logits.detach(), t_norm.detach()
+            if self.tta:  # the identity view above gives the CAM and the features; the others only vote
+                for view in TTA_VIEWS[1:]:
+                    lg, tn = self.net(tta_batch(x, *view), cov, st)
+                    logits, t_norm = logits + lg, t_norm + tn
+                logits, t_norm = logits / len(TTA_VIEWS), t_norm / len(TTA_VIEWS)
             probs = torch.softmax(logits / self.temperature, dim=1)
             t = t_norm * self.t_std + self.t_mean
         return (probs.cpu().numpy(), t.cpu().numpy(), cam.cpu().numpy(),

@@ -4,7 +4,9 @@
   which compensates for exposure differences between radiographs.
 - Covariates (age, sex, BMI with missing indicators) and the site type join the pooled features:
   S2 and Kim et al. gained 2-4 % AUC from them.
-- Heads: three WHO classes and an estimated T-score (multi-task, S1).
+- Heads: three WHO classes and estimated T-scores (multi-task, S1): the site's T-score first, then
+  one per DXA sub-region the site reports (for hips the femoral neck; the site value is the total
+  hip). A checkpoint's `arch["n_t_outputs"]` says how many.
 The network is split into `features` and `head` so that Grad-CAM needs gradients only from the
 class score down to the last feature map: the backbone runs once, without autograd.
 """
@@ -53,9 +55,10 @@ class NonLocalBlock(nn.Module):
 
 
 class OsteoNet(nn.Module):
-    def __init__(self, n_covariates: int = 7, n_site_types: int = 3, widths=(16, 32, 64, 96)):
+    def __init__(self, n_covariates: int = 7, n_site_types: int = 3, widths=(16, 32, 64, 96), n_t_outputs: int = 1):
         super().__init__()
-        self.arch = {"n_covariates": n_covariates, "n_site_types": n_site_types, "widths": list(widths)}
+        self.arch = {"n_covariates": n_covariates, "n_site_types": n_site_types, "widths": list(widths),
+                     "n_t_outputs": n_t_outputs}
         w0, w1, w2, w3 = widths
         self.stem = nn.Sequential(nn.Conv2d(1, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())  # 64
         self.stage1 = ResidualBlock(w0, w1, 2)  # 32
@@ -66,16 +69,17 @@ class OsteoNet(nn.Module):
         joint = w3 + n_covariates + n_site_types
         self.trunk = nn.Sequential(nn.Linear(joint, 64), nn.ReLU(), nn.Dropout(0.2))
         self.classifier = nn.Linear(64, 3)
-        self.regressor = nn.Linear(64, 1)
+        self.regressor = nn.Linear(64, n_t_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage3(self.context(self.stage2(self.stage1(self.stem(x)))))
 
     def head(self, fmap: torch.Tensor, covariates: torch.Tensor, site_type: torch.Tensor):
+        """Class logits (N×3) and normalised T-scores (N×n_t_outputs)."""
         pooled = fmap.mean(dim=(2, 3))
         onehot = F.one_hot(site_type.long(), self.n_site_types).to(pooled.dtype)
         z = self.trunk(torch.cat([pooled, covariates.to(pooled.dtype), onehot], dim=1))
-        return self.classifier(z), self.regressor(z).squeeze(1)
+        return self.classifier(z), self.regressor(z)
 
     def forward(self, x, covariates, site_type):
         return self.head(self.features(x), covariates, site_type)

@@ -1,7 +1,14 @@
-"""Screen the images of one study: decode → locate sites → gate → model (one batch) → Grad-CAM.
+"""Screen the images of one study: decode → locate sites → gate → model (one batch) → Grad-CAM →
+out-of-distribution gate → fuse the views of a site.
 
 Pure: no network, no database. Takes pydicom datasets with their routing decision (region, view),
-returns one ImageResult per image with a SiteFinding per expected site.
+returns one ImageResult per image with a SiteFinding per expected site. The gates are described in
+`quality`; a header can route an image here but only its pixels make a site assessable.
+
+Two-view lumbar studies: when the AP and the lateral view both give an assessable lumbar estimate,
+both findings carry the fused estimate (mean of the two views' logits, then the calibrated softmax;
+mean T-score) and name the other view in `fused_with`. Training reports the same fusion on its
+hold-out (`training.train.fuse_lumbar_views`).
 """
 from __future__ import annotations
 
@@ -10,17 +17,22 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ..findings import (CLASSES, REASON_LOW_LOCALISATION_CONFIDENCE, REASON_SITE_NOT_FOUND,
-                        REASON_UNREADABLE_PIXELS, REASON_UNSUPPORTED_VIEW, ImageResult, SiteFinding)
+from ..findings import (CLASSES, REASON_IMPLANT, REASON_LOW_LOCALISATION_CONFIDENCE, REASON_NOT_SCREENING_IMAGE,
+                        REASON_OUT_OF_DISTRIBUTION, REASON_SITE_NOT_FOUND, REASON_UNREADABLE_PIXELS,
+                        REASON_UNSUPPORTED_VIEW, ImageResult, SiteFinding)
 from ..model.inference import LoadedModel
 from .covariates import read_covariates
 from .crops import normalise, paste_map, site_type, square_crop
 from .dicom_io import UnreadablePixels, load_radiograph, resample
 from .localize import locate_sites
+from .quality import anatomy_present, metal_in_site, metal_mask
 
 MIN_LOCALISATION_CONFIDENCE = 0.5
 DISPLAY_MAX_SIDE = 1024
 EXPECTED_SITES = {"hip": ("right_hip", "left_hip"), "lumbar": ("lumbar_spine",)}
+# Names of the model's sub-region outputs → the DXA region they estimate, per site; the site's own
+# estimate is the first region named here.
+SITE_REGIONS = {"left_hip": ("total_hip", "femoral_neck"), "right_hip": ("total_hip", "femoral_neck")}
 
 
 @dataclass
@@ -48,9 +60,118 @@ def _to_source(box, scale: float) -> tuple[int, int, int, int]:
     return tuple(int(round(v / scale)) for v in box)  # type: ignore[return-value]
 
 
+@dataclass
+class _Pending:
+    """A site that passed the pre-model gates and waits for the batched model call."""
+
+    result: ImageResult
+    finding: SiteFinding
+    crop: object
+    covariates: list[float]
+    site_type: int
+    shape: tuple[int, int]
+
+
+def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, sites) -> list[_Pending]:
+    located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, item.region, item.view,
+                                                     patient_left_on_image_right=patient_left_on_image_right(ds))}
+    if not anatomy_present([loc.confidence for loc in located.values()]):
+        result.sites = [_not_assessable(ds, s, REASON_NOT_SCREENING_IMAGE) for s in sites]
+        return []
+    cov = read_covariates(ds).vector()
+    metal = None
+    pending = []
+    for site in sites:
+        loc = located.get(site)
+        if loc is None:
+            result.sites.append(_not_assessable(ds, site, REASON_SITE_NOT_FOUND))
+            continue
+        source_box = _to_source(loc.box, rad.scale)
+        if loc.confidence < MIN_LOCALISATION_CONFIDENCE:
+            result.sites.append(_not_assessable(ds, site, REASON_LOW_LOCALISATION_CONFIDENCE, source_box, loc.confidence))
+            continue
+        metal = metal_mask(rad.pixels, rad.spacing_mm[0]) if metal is None else metal
+        if metal_in_site(metal, loc.box, rad.spacing_mm[0]):
+            result.sites.append(_not_assessable(ds, site, REASON_IMPLANT, source_box, loc.confidence))
+            continue
+        finding = SiteFinding(site=site, source_sop_instance_uid=result.sop_instance_uid,
+                              source_sop_class_uid=result.sop_class_uid, assessable=True,
+                              box=source_box, confidence=float(loc.confidence))
+        result.sites.append(finding)
+        crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
+        pending.append(_Pending(result, finding, crop, cov, site_type(site, item.view), rad.pixels.shape))
+    return pending
+
+
+def _refuse(finding: SiteFinding, reason: str) -> None:
+    finding.assessable, finding.reason = False, reason
+    finding.category = finding.probabilities = finding.t_score = finding.regions = None
+
+
+def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool) -> dict[int, np.ndarray]:
+    """One batched model call; fills the findings, refuses out-of-distribution crops; returns each
+    pending site's logits-space evidence (log-probabilities) for fusion, by finding id."""
+    pred = model.predict(np.stack([normalise(p.crop.pixels) for p in pending]),
+                         np.array([p.covariates for p in pending], dtype=np.float32),
+                         np.array([p.site_type for p in pending]))
+    outside = pred.out_of_distribution()
+    evidence = {}
+    for i, p in enumerate(pending):
+        if outside[i]:
+            _refuse(p.finding, REASON_OUT_OF_DISTRIBUTION)
+            continue
+        probs = pred.probabilities[i]
+        p.finding.probabilities = {c: round(float(v), 4) for c, v in zip(CLASSES, probs)}
+        p.finding.category = CLASSES[int(np.argmax(probs))]
+        p.finding.t_score = float(pred.t_scores[i])
+        names = SITE_REGIONS.get(p.finding.site)
+        if names and pred.region_t_scores:
+            p.finding.regions = {names[0]: p.finding.t_score}
+            p.finding.regions.update({r: float(v[i]) for r, v in pred.region_t_scores.items() if r in names})
+        evidence[id(p.finding)] = np.log(np.clip(probs, 1e-6, 1.0))
+        if heatmaps:
+            p.result.heatmap = np.maximum(p.result.heatmap, paste_map(pred.cams[i], p.crop, p.shape))
+    return evidence
+
+
+def fuse_views(results: list[ImageResult], evidence: dict[int, np.ndarray]) -> None:
+    """Give every assessable estimate of a site that several images of the study show (lumbar AP +
+    lateral) the fused estimate: mean log-probabilities renormalised (= mean logits under one
+    temperature), mean T-score."""
+    by_site: dict[str, list[SiteFinding]] = {}
+    for result in results:
+        for f in result.sites:
+            if f.assessable and id(f) in evidence:
+                by_site.setdefault(f.site, []).append(f)
+    for findings in by_site.values():
+        if len(findings) < 2:
+            continue
+        z = np.mean([evidence[id(f)] for f in findings], axis=0)
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        t = float(np.mean([f.t_score for f in findings]))
+        for f in findings:
+            f.fused_with = [g.source_sop_instance_uid for g in findings if g is not f]
+            f.probabilities = {c: round(float(v), 4) for c, v in zip(CLASSES, probs)}
+            f.category = CLASSES[int(np.argmax(probs))]
+            f.t_score = t
+
+
+def _finish(result: ImageResult) -> None:
+    if not any(f.assessable for f in result.sites):
+        result.assessable = False
+        result.reason = result.reason or (result.sites[0].reason if result.sites else REASON_SITE_NOT_FOUND)
+    # bring the heatmap onto the display grid
+    if result.heatmap is not None and result.display is not None and result.heatmap.shape != result.display.shape:
+        factor = result.display.shape[0] / result.heatmap.shape[0]
+        hm = resample(result.heatmap, factor)
+        result.heatmap = np.pad(hm, [(0, max(0, a - b)) for a, b in zip(result.display.shape, hm.shape)])[
+            :result.display.shape[0], :result.display.shape[1]]
+
+
 def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = True) -> list[ImageResult]:
     results: list[ImageResult] = []
-    pending = []  # (result, radiograph, finding, crop) for every site that goes to the model
+    pending: list[_Pending] = []
     for item in images:
         ds = item.dataset
         result = ImageResult(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
@@ -67,50 +188,16 @@ def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = 
             result.assessable, result.reason = False, REASON_UNREADABLE_PIXELS
             result.sites = [_not_assessable(ds, s, REASON_UNREADABLE_PIXELS) for s in sites]
             continue
-        located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, item.region, item.view,
-                                                         patient_left_on_image_right=patient_left_on_image_right(ds))}
-        cov = read_covariates(ds).vector()
-        for site in sites:
-            loc = located.get(site)
-            if loc is None:
-                result.sites.append(_not_assessable(ds, site, REASON_SITE_NOT_FOUND))
-                continue
-            source_box = _to_source(loc.box, rad.scale)
-            if loc.confidence < MIN_LOCALISATION_CONFIDENCE:
-                result.sites.append(_not_assessable(ds, site, REASON_LOW_LOCALISATION_CONFIDENCE,
-                                                     source_box, loc.confidence))
-                continue
-            finding = SiteFinding(site=site, source_sop_instance_uid=result.sop_instance_uid,
-                                  source_sop_class_uid=result.sop_class_uid, assessable=True,
-                                  box=source_box, confidence=float(loc.confidence))
-            result.sites.append(finding)
-            crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
-            pending.append((result, rad, finding, crop, cov, site_type(site, item.view)))
-        if not any(f.assessable for f in result.sites):
-            result.assessable = False
-            result.reason = result.sites[0].reason if result.sites else REASON_SITE_NOT_FOUND
         if heatmaps:
             factor = min(1.0, DISPLAY_MAX_SIDE / max(rad.pixels.shape))
             result.display = resample(rad.pixels, factor) if factor < 1 else rad.pixels
             result.display_scale = rad.scale * factor
             result.heatmap = np.zeros(rad.pixels.shape, dtype=np.float32)
-    if pending:
-        pred = model.predict(np.stack([normalise(p[3].pixels) for p in pending]),
-                             np.array([p[4] for p in pending], dtype=np.float32),
-                             np.array([p[5] for p in pending]))
-        for i, (result, rad, finding, crop, _, _) in enumerate(pending):
-            probs = pred.probabilities[i]
-            finding.probabilities = {c: round(float(p), 4) for c, p in zip(CLASSES, probs)}
-            finding.category = CLASSES[int(np.argmax(probs))]
-            finding.t_score = float(pred.t_scores[i])
-            if heatmaps:
-                result.heatmap = np.maximum(result.heatmap, paste_map(pred.cams[i], crop, rad.pixels.shape))
-    for result in results:  # bring the heatmap onto the display grid
-        if result.heatmap is not None and result.display is not None and result.heatmap.shape != result.display.shape:
-            factor = result.display.shape[0] / result.heatmap.shape[0]
-            hm = resample(result.heatmap, factor)
-            result.heatmap = np.pad(hm, [(0, max(0, a - b)) for a, b in zip(result.display.shape, hm.shape)])[
-                :result.display.shape[0], :result.display.shape[1]]
+        pending += _locate_and_gate(ds, item, rad, result, sites)
+    evidence = _score(pending, model, heatmaps) if pending else {}
+    fuse_views(results, evidence)
+    for result in results:
+        _finish(result)
     return results
 
 

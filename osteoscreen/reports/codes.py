@@ -72,6 +72,9 @@ def coding_scheme_identification() -> CodingSchemeIdentificationItem:
 # Standard codes
 PROCEDURE_XR = Code("43468-8", "LN", "XR unspecified body region")
 PROXIMAL_FEMUR = Code("310651003", "SCT", "Proximal Femur")
+FEMORAL_NECK = Code("29627003", "SCT", "Neck of femur")
+# DXA reporting regions a site's measurement group may add (the site's own estimate is total hip).
+REGION_ANATOMY = {"femoral_neck": FEMORAL_NECK}
 LUMBAR_SPINE = Code("122496007", "SCT", "Lumbar spine")
 LEFT = Code("7771000", "SCT", "Left")
 RIGHT = Code("24028007", "SCT", "Right")

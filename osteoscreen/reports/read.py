@@ -10,6 +10,8 @@ from . import codes
 _IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 _MEASUREMENT_GROUP = Code("125007", "DCM", "Measurement Group")
 _TRACKING_IDENTIFIER = Code("112039", "DCM", "Tracking Identifier")
+_FINDING_SITE = Code("363698007", "SCT", "Finding Site")
+_REGION_BY_CODE = {(c.scheme_designator, c.value): region for region, c in codes.REGION_ANATOMY.items()}
 
 _CATEGORY_BY_CODE = {(c.scheme_designator, c.value): cls for cls, c in codes.CATEGORY_CODES.items()}
 _REASON_BY_CODE = {(c.scheme_designator, c.value): reason for reason, c in codes.REASON_CODES.items()}
@@ -57,7 +59,14 @@ def _finding(group: pydicom.Dataset) -> SiteFinding:
         finding.assessable = False
         finding.reason = _REASON_BY_CODE.get(_code_value(item))
     for item in _children(group, codes.ESTIMATED_T_SCORE):
-        finding.t_score = _number(item)
+        sites = _children(item, _FINDING_SITE)  # a measurement of a region within the site names it
+        region = _REGION_BY_CODE.get(_code_value(sites[0])) if sites else None
+        if region is None:
+            finding.t_score = _number(item)
+        else:
+            finding.regions = {**(finding.regions or {}), region: _number(item)}
+    if finding.regions and finding.t_score is not None and finding.site.endswith("_hip"):
+        finding.regions = {"total_hip": finding.t_score, **finding.regions}
     probabilities = {cls: _number(items[0]) for cls, code in codes.PROBABILITY_CODES.items()
                      if (items := _children(group, code))}
     finding.probabilities = probabilities or None

@@ -9,6 +9,7 @@ Content tree (IHE AI Results as the guide)::
           tracking identifier = site key ("left_hip"), tracking UID (source SOP UID + site)
           finding site (+ laterality), algorithm identification (TID 4019)
           Estimated T-score (derivation SCT "Estimated"), Probability of <class> x 3
+          Estimated T-score with finding site Neck of femur (SCT 29627003)   [hips, when estimated]
           Bone density category (WHO) = SCT Normal/Osteopenia/Osteoporosis   [assessable sites]
           Reason not assessable = private reason code                     [not assessable sites]
           Source of Measurement = the source image
@@ -105,6 +106,12 @@ def _measurements(finding: SiteFinding) -> list[hd.sr.Measurement]:
     if finding.t_score is not None:
         out.append(hd.sr.Measurement(name=codes.ESTIMATED_T_SCORE, value=float(finding.t_score),
                                      unit=codes.T_SCORE_UNIT, derivation=codes.ESTIMATED))
+    _, laterality = codes.SITE_ANATOMY[finding.site]
+    for region, value in (finding.regions or {}).items():
+        if region in codes.REGION_ANATOMY and value is not None:  # e.g. femoral neck within the hip
+            out.append(hd.sr.Measurement(
+                name=codes.ESTIMATED_T_SCORE, value=float(value), unit=codes.T_SCORE_UNIT, derivation=codes.ESTIMATED,
+                finding_sites=[hd.sr.FindingSite(anatomic_location=codes.REGION_ANATOMY[region], laterality=laterality)]))
     probabilities = finding.probabilities or {}
     for cls in CLASSES:
         if cls in probabilities:

@@ -2,8 +2,11 @@
 
 Crops are made by the same code the node runs (decode → locate → crop), so the model is trained on
 exactly what it will see. The manifest needs `path` and at least one of `left_hip_t_score`,
-`right_hip_t_score`, `lumbar_spine_t_score`; `kind` (hip|lumbar) and `view` (ap|lat) are read from the
-header by the routing rules when absent; `study_instance_uid` keeps a study's images in one split.
+`right_hip_t_score`, `lumbar_spine_t_score` (for hips the total-hip T-score); optional columns:
+`left_hip_neck_t_score` / `right_hip_neck_t_score` (femoral neck, the other DXA hip region; missing is
+fine, that output is then not trained on that crop), `<site>_implant` (1 → the crop is left out: the
+node refuses sites with metal), `kind` (hip|lumbar) and `view` (ap|lat), read from the header by the
+routing rules when absent, and `study_instance_uid`, which keeps a study's images in one split.
 """
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ from ..pipeline.localize import locate_sites
 from ..pipeline.screen import EXPECTED_SITES, MIN_LOCALISATION_CONFIDENCE, patient_left_on_image_right
 
 
+# T-score outputs after the site's own: DXA sub-regions, with the manifest column suffix that holds them.
+REGION_OUTPUTS = ("femoral_neck",)
+REGION_COLUMNS = {"femoral_neck": "neck_t_score"}
+
+
 @dataclass
 class Samples:
     crops: np.ndarray  # N×S×S raw [0,1]
@@ -35,6 +43,11 @@ class Samples:
     labels: np.ndarray  # N (index into CLASSES)
     groups: np.ndarray  # N study identifiers (str)
     sites: np.ndarray  # N site names
+    region_t_scores: np.ndarray | None = None  # N×len(REGION_OUTPUTS), NaN where not known
+
+    def __post_init__(self):
+        if self.region_t_scores is None:
+            self.region_t_scores = np.full((len(self.labels), len(REGION_OUTPUTS)), np.nan, np.float32)
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, **self.__dict__)
@@ -71,8 +84,8 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
     region, view = _region_view(row, ds)
     if region is None or view is None:
         return [], f"{path.name}: region/view unknown"
-    truth = {s: row.get(f"{s}_t_score", "").strip() for s in EXPECTED_SITES[region]}
-    truth = {s: float(v) for s, v in truth.items() if v}
+    truth = {s: (row.get(f"{s}_t_score") or "").strip() for s in EXPECTED_SITES[region]}
+    truth = {s: float(v) for s, v in truth.items() if v and (row.get(f"{s}_implant") or "0").strip() in ("", "0")}
     if not truth:
         return [], None
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, region, view,
@@ -86,8 +99,16 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
             missed.append(site)
             continue
         crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
-        out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site))
+        regions = [_float(row.get(f"{site}_{REGION_COLUMNS[r]}")) for r in REGION_OUTPUTS]
+        out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site, regions))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
+
+
+def _float(text) -> float:
+    try:
+        return float(text) if text not in (None, "") else float("nan")
+    except ValueError:
+        return float("nan")
 
 
 def extract_samples(manifests: list[Path], progress: bool = True, workers: int = 2) -> tuple[Samples, list[str]]:
@@ -111,4 +132,4 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
     return Samples(crops=np.stack(cols[0]).astype(np.float32), covariates=np.array(cols[1], dtype=np.float32),
                    site_types=np.array(cols[2], dtype=np.int64), t_scores=np.array(cols[3], dtype=np.float32),
                    labels=np.array(cols[4], dtype=np.int64), groups=np.array(cols[5]),
-                   sites=np.array(cols[6])), problems
+                   sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32)), problems

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..model.inference import TTA_VIEWS
+
 
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f} %"
@@ -11,6 +13,29 @@ def _pct(v) -> str:
 
 def _ci(ci) -> str:
     return "" if not ci else f" ({ci[0]:.3f}–{ci[1]:.3f})"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+TITLES = {
+    "holdout": "Independent hold-out (phantoms from seeds never used in training, training scanner profiles)",
+    "holdout_profile": "Held-out scanner profile (a detector and processing chain never seen in training)",
+    "validation": "Validation split (studies held out of training, same generator seeds)",
+}
+ORDER = ("holdout", "holdout_profile", "validation")
+
+
+def domain_shift(metrics: dict) -> str:
+    """The AUC drop from the hold-out to the held-out scanner profile, if both were measured."""
+    try:
+        a = metrics["holdout"]["classes"]["osteoporosis"]["auc"]
+        b = metrics["holdout_profile"]["classes"]["osteoporosis"]["auc"]
+    except KeyError:
+        return ""
+    return (f"\n**Domain shift**: osteoporosis AUC {a:.3f} on the hold-out, {b:.3f} on the held-out scanner "
+            f"profile: a drop of {a - b:+.3f}.\n")
 
 
 def _metrics_section(title: str, m: dict) -> str:
@@ -25,6 +50,17 @@ def _metrics_section(title: str, m: dict) -> str:
                       f"{'n/a' if v['osteoporosis_auc'] is None else format(v['osteoporosis_auc'], '.3f')} | "
                       f"{'n/a' if v['t_mae'] is None else format(v['t_mae'], '.3f')} |"
                       for k, v in m.get("by_site_type", {}).items())
+    extra = ""
+    for region, r in m.get("regions", {}).items():
+        extra += f"\n{region.replace('_', ' ')} T-score (a DXA reporting region within the hip): n = {r['n']}, MAE {r['mae']:.3f}, r {r['pearson_r']:.3f}."
+    fused = m.get("lumbar_fused")
+    if fused:
+        f, a, b = fused["fused"], fused["ap_only"], fused["lat_only"]
+        extra += (f"\nLumbar studies with AP and lateral views (n = {fused['n_studies']}): T-score MAE AP {a['t_mae']:.3f}, "
+                  f"lateral {b['t_mae']:.3f}, fused {f['t_mae']:.3f}; osteoporosis AUC AP {_num(a['osteoporosis_auc'])}, "
+                  f"lateral {_num(b['osteoporosis_auc'])}, fused {_num(f['osteoporosis_auc'])}.")
+    if "out_of_distribution_rate" in m:
+        extra += f"\nCrops the out-of-distribution gate would refuse: {_pct(m['out_of_distribution_rate'])}."
     return f"""### {title}
 n = {m['n']} site crops; accuracy {_pct(m['accuracy'])}; expected calibration error {m.get('ece', float('nan')):.3f};
 T-score MAE {t.get('mae', float('nan')):.3f}, Pearson r {t.get('pearson_r') or float('nan'):.3f},
@@ -33,6 +69,7 @@ Bland-Altman bias {ba.get('mean_difference', float('nan')):+.3f} (limits {ba.get
 | class (one vs rest) | n | sensitivity | specificity | PPV | NPV | AUC (95 % CI, DeLong) |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+{extra}
 
 | site type | n | accuracy | osteoporosis AUC | T-score MAE |
 |---|---|---|---|---|{by_type}
@@ -42,10 +79,10 @@ Bland-Altman bias {ba.get('mean_difference', float('nan')):+.3f} (limits {ba.get
 def write_model_card(path: Path, ckpt: dict) -> None:
     trained = ckpt["trained_on"]
     cfg = ckpt["train_config"]
-    sections = "\n".join(_metrics_section(
-        "Independent hold-out (phantoms from a seed never used in training)" if name == "holdout"
-        else "Validation split (studies held out of training, same generator seed)", m)
-        for name, m in sorted(ckpt["metrics"].items(), key=lambda kv: kv[0] != "holdout"))
+    metrics = ckpt["metrics"]
+    names = sorted(metrics, key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k))
+    sections = domain_shift(metrics) + "\n".join(_metrics_section(TITLES.get(name, f"Set {name}"), metrics[name])
+                                                 for name in names)
     text = f"""# Model card: {ckpt['name']} {ckpt['version']}
 
 **Intended use: demonstration and software testing only. Not a medical device. Not for diagnosis.**
@@ -62,15 +99,19 @@ BMI from the DICOM header with explicit missing indicators, and the site type.
 
 ## Architecture
 OsteoNet: residual CNN (widths {ckpt['arch']['widths']}) with a non-local (self-attention) block,
-covariates joined after pooling, a 3-class head and a T-score head; temperature-scaled
-probabilities (T = {ckpt['temperature']:.3f}); Grad-CAM on the last feature map.
+covariates joined after pooling, a 3-class head and a T-score head (outputs: site{''.join(', ' + r for r in ckpt.get('t_outputs', []))});
+temperature-scaled probabilities (T = {ckpt['temperature']:.3f}); test-time augmentation
+{f'on ({len(TTA_VIEWS)} views, logits averaged)' if ckpt.get('tta') else 'off'};
+Grad-CAM on the last feature map. Out-of-distribution gate: Mahalanobis distance of the pooled
+features to the training crops of the same site type{' (thresholds ' + ', '.join(f"{v['threshold']:.1f}" for v in ckpt.get('ood', {}).values()) + ')' if ckpt.get('ood') else ' (not fitted)'}.
 
 ## Training data
 - Manifests: {', '.join(f'`{m}`' for m in trained['manifests'])}
 - Site crops: {trained['n_train']} for training, {trained['n_val']} for validation (split by study, seed {cfg['seed']})
 - Images the localiser could not use: {trained['extraction_problems']}
 - Epochs {cfg['epochs']}, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, one-cycle schedule; augmentation:
-  gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise.
+  gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise; covariates set to
+  "missing" at random ({cfg.get('covariate_dropout', 0)} each) so that absent header values are handled.
 
 ## Results on synthetic phantoms
 {sections}

@@ -1,7 +1,12 @@
 """`osteoscreen train`: fit OsteoNet on site crops; resumable, seed-reproducible, CUDA when available.
 
 Writes into OUT: samples.npz (the extracted crops, reused on resume), last.pt (resume state),
-model.pt (the deployable checkpoint), val_predictions.csv, metrics.json, plots/ and model_card.md.
+model.pt (the deployable checkpoint), <set>_predictions.csv, metrics.json, plots/ and model_card.md.
+
+Beyond the fit itself the checkpoint carries what the node needs to know when not to answer: the
+temperature (fitted on validation logits, through the same test-time augmentation the node runs)
+and, per site type, the mean and Ledoit-Wolf precision of the pooled features of the training crops
+with a Mahalanobis-distance threshold from the validation crops (the out-of-distribution gate).
 """
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..findings import CLASSES
-from ..model.inference import pick_device
+from ..model.inference import TTA_VIEWS, mahalanobis, pick_device, tta_batch
 from ..model.network import OsteoNet
 from ..pipeline.crops import SITE_TYPES
-from .dataset import Samples, extract_samples
+from .dataset import REGION_OUTPUTS, Samples, extract_samples
 from .evaluate import evaluate_arrays, write_plots
 from .modelcard import write_model_card
 
@@ -36,6 +41,10 @@ class TrainConfig:
     device: str = "auto"
     val_fraction: float = 0.2
     t_loss_weight: float = 1.0
+    covariate_dropout: float = 0.15  # per covariate, set to "missing" so the model copes with absent headers
+    tta: bool = True
+    ood_quantile: float = 0.995  # of validation distances, times ood_margin, is the gate's threshold
+    ood_margin: float = 1.15
     version: str = "0.1.0"
     name: str = "osteoscreen-osteonet"
 
@@ -74,6 +83,18 @@ def augment(raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x + 0.03 * torch.randn(x.shape, generator=gen)
 
 
+def drop_covariates(cov: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Mark age, sex and BMI missing at random (layout of pipeline.covariates.Covariates.vector)."""
+    if p <= 0:
+        return cov
+    cov = cov.clone()
+    drop = torch.rand(cov.shape[0], 3, generator=gen) < p
+    cov[drop[:, 0], 0:2] = torch.tensor([0.0, 1.0])
+    cov[drop[:, 1], 2:5] = torch.tensor([0.0, 0.0, 1.0])
+    cov[drop[:, 2], 5:7] = torch.tensor([0.0, 1.0])
+    return cov
+
+
 def normalise_batch(raw: torch.Tensor) -> torch.Tensor:
     mu = raw.mean(dim=(2, 3), keepdim=True)
     sd = raw.std(dim=(2, 3), keepdim=True) + 1e-6
@@ -81,19 +102,48 @@ def normalise_batch(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _tensors(s: Samples, device):
+    targets = np.concatenate([s.t_scores[:, None], s.region_t_scores], axis=1).astype(np.float32)
     return (torch.from_numpy(s.crops)[:, None], torch.from_numpy(s.covariates),
-            torch.from_numpy(s.site_types), torch.from_numpy(s.labels), torch.from_numpy(s.t_scores))
+            torch.from_numpy(s.site_types), torch.from_numpy(s.labels), torch.from_numpy(targets))
 
 
 @torch.no_grad()
-def predict_logits(net: OsteoNet, s: Samples, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(net: OsteoNet, s: Samples, device, batch: int = 256, tta: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (N×3), normalised T outputs (N×K) and pooled features (N×F), the way the node computes
+    them (model.inference: logits and T averaged over the TTA views when `tta`)."""
     net.eval()
     x, cov, st, _, _ = _tensors(s, device)
-    logits, ts = [], []
+    logits, ts, embs = [], [], []
     for i in range(0, len(s), batch):
-        lg, t = net(normalise_batch(x[i:i + batch]).to(device), cov[i:i + batch].to(device), st[i:i + batch].to(device))
-        logits.append(lg.cpu()), ts.append(t.cpu())
-    return torch.cat(logits), torch.cat(ts)
+        xb, cb, sb = normalise_batch(x[i:i + batch]).to(device), cov[i:i + batch].to(device), st[i:i + batch].to(device)
+        fmap = net.features(xb)
+        lg, t = net.head(fmap, cb, sb)
+        if tta:
+            for view in TTA_VIEWS[1:]:
+                lg2, t2 = net(tta_batch(xb, *view), cb, sb)
+                lg, t = lg + lg2, t + t2
+            lg, t = lg / len(TTA_VIEWS), t / len(TTA_VIEWS)
+        logits.append(lg.cpu()), ts.append(t.cpu()), embs.append(fmap.mean(dim=(2, 3)).cpu())
+    return torch.cat(logits), torch.cat(ts), torch.cat(embs)
+
+
+def fit_ood(train_emb: np.ndarray, train_types: np.ndarray, val_emb: np.ndarray, val_types: np.ndarray,
+            quantile: float, margin: float) -> dict:
+    """Per site type: mean and Ledoit-Wolf precision of training features; threshold from validation."""
+    from sklearn.covariance import LedoitWolf
+    stats = {}
+    for st in np.unique(train_types):
+        tr, va = train_emb[train_types == st].astype(np.float64), val_emb[val_types == st].astype(np.float64)
+        if len(tr) < 20:
+            continue
+        lw = LedoitWolf().fit(tr)
+        ref = va if len(va) >= 20 else tr
+        dist = mahalanobis(ref, lw.location_, lw.precision_)
+        stats[str(int(st))] = {"mean": lw.location_.tolist(), "precision": lw.precision_.tolist(),
+                               "threshold": float(np.quantile(dist, quantile) * margin),
+                               "validation_median": float(np.median(dist))}
+    return stats
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -112,8 +162,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          holdout: list[Path] | None = None) -> Path:
-    """Train on `manifests`; report on the validation split and, if given, an independent hold-out."""
+          holdout: dict[str, list[Path]] | list[Path] | None = None) -> Path:
+    """Train on `manifests`; report on the validation split and on each named hold-out set (a plain
+    list is one set called "holdout")."""
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     cache = out / "samples.npz"
@@ -127,7 +178,7 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
     tr, va = samples.subset(train_idx), samples.subset(val_idx)
     device = pick_device(cfg.device)
     t_mean, t_std = float(tr.t_scores.mean()), float(tr.t_scores.std() + 1e-6)
-    net = OsteoNet().to(device)
+    net = OsteoNet(n_t_outputs=1 + len(REGION_OUTPUTS)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -154,33 +205,43 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = augment(x[idx], gen).to(device)
-            logits, t_pred = net(xb, cov[idx].to(device), st[idx].to(device))
+            cb = drop_covariates(cov[idx], cfg.covariate_dropout, gen).to(device)
+            logits, t_pred = net(xb, cb, st[idx].to(device))
+            target = t_norm[idx].to(device)
+            known = ~torch.isnan(target)  # sub-region T-scores are optional per crop
             loss = F.cross_entropy(logits, y[idx].to(device)) + cfg.t_loss_weight * F.smooth_l1_loss(
-                t_pred, t_norm[idx].to(device))
+                t_pred[known], target[known])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        vl, vt = predict_logits(net, va, device)
+        vl, vt, _ = predict_logits(net, va, device)
         val_acc = float((vl.argmax(1).numpy() == va.labels).mean())
-        val_mae = float(np.abs(vt.numpy() * t_std + t_mean - va.t_scores).mean())
+        val_mae = float(np.abs(vt[:, 0].numpy() * t_std + t_mean - va.t_scores).mean())
         history.append({"epoch": epoch + 1, "train_loss": total / len(tr), "val_accuracy": val_acc, "val_t_mae": val_mae})
         if progress:
             tqdm.write(f"epoch {epoch + 1}: loss {total / len(tr):.4f}  val accuracy {val_acc:.3f}  val T MAE {val_mae:.3f}")
         torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": gen.get_state(), "epoch": epoch, "epochs": cfg.epochs, "history": history}, last)
-    vl, _ = predict_logits(net, va, device)
+    vl, _, v_emb = predict_logits(net, va, device, tta=cfg.tta)
     temperature = fit_temperature(vl, torch.from_numpy(va.labels))
-    metrics = {"validation": _report(net, va, device, temperature, t_mean, t_std, out, "validation")}
-    if holdout:
-        held, _ = extract_samples(holdout, progress=progress)
-        metrics["holdout"] = _report(net, held, device, temperature, t_mean, t_std, out, "holdout")
+    _, _, t_emb = predict_logits(net, tr, device)
+    ood = fit_ood(t_emb.numpy(), tr.site_types, v_emb.numpy(), va.site_types, cfg.ood_quantile, cfg.ood_margin)
+    scoring = {"temperature": temperature, "t_mean": t_mean, "t_std": t_std, "tta": cfg.tta, "ood": ood}
+    metrics = {"validation": _report(net, va, device, scoring, out, "validation")}
+    if isinstance(holdout, (list, tuple)):
+        holdout = {"holdout": list(holdout)} if holdout else {}
+    for name, held_manifests in (holdout or {}).items():
+        held, _ = extract_samples(held_manifests, progress=progress)
+        metrics[name] = _report(net, held, device, scoring, out, name)
     ckpt = {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "arch": net.arch, "name": cfg.name,
             "version": cfg.version, "temperature": temperature, "t_score_mean": t_mean, "t_score_std": t_std,
+            "t_outputs": list(REGION_OUTPUTS), "tta": cfg.tta, "ood": ood,
             "metrics": metrics, "history": history, "train_config": asdict(cfg),
-            "trained_on": {"manifests": [str(m) for m in manifests], "holdout": [str(h) for h in holdout or []],
+            "trained_on": {"manifests": [str(m) for m in manifests],
+                           "holdout": {k: [str(h) for h in v] for k, v in (holdout or {}).items()},
                            "n_train": len(tr), "n_val": len(va),
                            "extraction_problems": len(problems)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -191,35 +252,87 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
     return model_path
 
 
-def _report(net, s: Samples, device, temperature, t_mean, t_std, out: Path, name: str) -> dict:
-    """Metrics, predictions CSV and plots for one evaluation set."""
-    logits, t_norm = predict_logits(net, s, device)
-    probs = torch.softmax(logits / temperature, 1).numpy()
-    pred_t = (t_norm.numpy() * t_std + t_mean).astype(float)
+def _report(net, s: Samples, device, scoring: dict, out: Path, name: str) -> dict:
+    """Metrics, predictions CSV and plots for one evaluation set, scored as the node scores."""
+    logits, t_norm, emb = predict_logits(net, s, device, tta=scoring["tta"])
+    probs = torch.softmax(logits / scoring["temperature"], 1).numpy()
+    t_all = (t_norm.numpy() * scoring["t_std"] + scoring["t_mean"]).astype(float)
+    pred_t = t_all[:, 0]
+    ood = np.zeros(len(s), dtype=bool)
+    for st, stats in scoring["ood"].items():
+        m = s.site_types == int(st)
+        ood[m] = mahalanobis(emb.numpy()[m].astype(np.float64), np.asarray(stats["mean"]),
+                             np.asarray(stats["precision"])) > stats["threshold"]
     pred_class = [CLASSES[i] for i in probs.argmax(1)]
     true_class = [CLASSES[i] for i in s.labels]
-    _write_predictions(out / f"{name}_predictions.csv", s, probs, pred_class, pred_t)
+    _write_predictions(out / f"{name}_predictions.csv", s, probs, pred_class, t_all, ood)
     write_plots({"true_class": true_class, "probs": probs, "true_t": s.t_scores.astype(float),
                  "predicted_t": pred_t}, out / "plots" / name)
     report = evaluate_arrays(true_class, pred_class, probs, s.t_scores.astype(float), pred_t)
+    report["out_of_distribution_rate"] = float(ood.mean())
     report["by_site_type"] = {}
     for i, st in enumerate(SITE_TYPES):
         m = s.site_types == i
         if m.sum() >= 10 and len(set(s.labels[m])) > 1:
-            sub = evaluate_arrays([true_class[k] for k in np.where(m)[0]], [pred_class[k] for k in np.where(m)[0]],
-                                  probs[m], s.t_scores[m].astype(float), pred_t[m])
-            report["by_site_type"][st] = {"n": sub["n"], "accuracy": sub["accuracy"],
-                                          "osteoporosis_auc": sub["classes"]["osteoporosis"].get("auc"),
-                                          "t_mae": sub.get("t_score", {}).get("mae")}
+            report["by_site_type"][st] = _summary(np.where(m)[0], true_class, pred_class, probs, s.t_scores, pred_t)
+    for k, region in enumerate(REGION_OUTPUTS):
+        known = ~np.isnan(s.region_t_scores[:, k])
+        if known.sum() >= 10:
+            err = t_all[known, k + 1] - s.region_t_scores[known, k]
+            report.setdefault("regions", {})[region] = {
+                "n": int(known.sum()), "mae": float(np.abs(err).mean()),
+                "pearson_r": float(np.corrcoef(t_all[known, k + 1], s.region_t_scores[known, k])[0, 1])}
+    fused = fuse_lumbar_views(s, logits.numpy(), pred_t, scoring["temperature"])
+    if fused:
+        report["lumbar_fused"] = fused
     return report
 
 
-def _write_predictions(path: Path, s: Samples, probs, pred_class, pred_t) -> None:
+def _summary(idx, true_class, pred_class, probs, true_t, pred_t) -> dict:
+    sub = evaluate_arrays([true_class[k] for k in idx], [pred_class[k] for k in idx], probs[idx],
+                          np.asarray(true_t)[idx].astype(float), np.asarray(pred_t)[idx])
+    return {"n": sub["n"], "accuracy": sub["accuracy"], "osteoporosis_auc": sub["classes"]["osteoporosis"].get("auc"),
+            "t_mae": sub.get("t_score", {}).get("mae")}
+
+
+def fuse_lumbar_views(s: Samples, logits: np.ndarray, pred_t: np.ndarray, temperature: float) -> dict | None:
+    """Studies with both a lumbar AP and a lateral crop, scored per view and fused as the node fuses
+    them (pipeline.screen.fuse_views: mean logits and mean T)."""
+    ap = {s.groups[i]: i for i in np.where(s.site_types == 1)[0]}
+    lat = {s.groups[i]: i for i in np.where(s.site_types == 2)[0]}
+    pairs = [(ap[g], lat[g]) for g in ap if g in lat]
+    if len(pairs) < 10:
+        return None
+    a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    z = (logits[a] + logits[b]) / 2 / temperature
+    probs = _softmax(z)
+    true_class = [CLASSES[i] for i in s.labels[a]]
+    fused_t = (pred_t[a] + pred_t[b]) / 2
+    single_probs = _softmax(logits / temperature)
+    single_true = [CLASSES[i] for i in s.labels]
+    single_pred = [CLASSES[i] for i in single_probs.argmax(1)]
+    return {"n_studies": len(pairs),
+            "fused": _summary(np.arange(len(pairs)), true_class, [CLASSES[i] for i in probs.argmax(1)], probs,
+                              s.t_scores[a], fused_t),
+            "ap_only": _summary(a, single_true, single_pred, single_probs, s.t_scores, pred_t),
+            "lat_only": _summary(b, single_true, single_pred, single_probs, s.t_scores, pred_t)}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _write_predictions(path: Path, s: Samples, probs, pred_class, t_all, ood) -> None:
     import csv
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["group", "site", "true_class", "predicted_class", "p_normal", "p_osteopenia",
-                    "p_osteoporosis", "true_t_score", "predicted_t_score"])
+        w.writerow(["group", "site", "site_type", "true_class", "predicted_class", "p_normal", "p_osteopenia",
+                    "p_osteoporosis", "true_t_score", "predicted_t_score", "out_of_distribution",
+                    *(f"{kind}_{r}_t_score" for r in REGION_OUTPUTS for kind in ("true", "predicted"))])
         for i in range(len(s)):
-            w.writerow([s.groups[i], s.sites[i], CLASSES[s.labels[i]], pred_class[i],
-                        *(f"{p:.5f}" for p in probs[i]), f"{s.t_scores[i]:.3f}", f"{pred_t[i]:.3f}"])
+            regions = [f"{v:.3f}" if not np.isnan(v) else "" for k in range(len(REGION_OUTPUTS))
+                       for v in (s.region_t_scores[i, k], t_all[i, k + 1])]
+            w.writerow([s.groups[i], s.sites[i], SITE_TYPES[s.site_types[i]], CLASSES[s.labels[i]], pred_class[i],
+                        *(f"{p:.5f}" for p in probs[i]), f"{s.t_scores[i]:.3f}", f"{t_all[i, 0]:.3f}",
+                        int(ood[i]), *regions])
