@@ -73,24 +73,40 @@ def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, val_fraction=args.val_fraction, version=args.version)
-    for m in args.manifest + (args.holdout or []):
-        if not Path(m).is_file():
+    holdout: dict[str, list[Path]] = {}
+    for spec in args.holdout or []:  # NAME=CSV names a hold-out set; plain CSVs form the set "holdout"
+        name, _, path = spec.rpartition("=") if "=" in spec else ("holdout", "", spec)
+        holdout.setdefault(name or "holdout", []).append(Path(path))
+    for m in [Path(m) for m in args.manifest] + [p for ps in holdout.values() for p in ps]:
+        if not m.is_file():
             raise UsageError(f"no such manifest: {m}")
     ckpt = train([Path(m) for m in args.manifest], Path(args.out), cfg, resume=args.resume,
-                 progress=not args.quiet, holdout=[Path(h) for h in args.holdout or []])
+                 progress=not args.quiet, holdout=holdout)
     print(ckpt)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .training.evaluate import evaluate_csv, format_report
-    if not Path(args.predictions).is_file():
-        raise UsageError(f"no such file: {args.predictions}")
+    from .training.evaluate import compare_csv, evaluate_csv, format_comparison, format_report
+    for f in (args.predictions, args.compare):
+        if f is not None and not Path(f).is_file():
+            raise UsageError(f"no such file: {f}")
+    plots = Path(args.plots) if args.plots else None
     try:
-        report = evaluate_csv(Path(args.predictions), plots=Path(args.plots) if args.plots else None)
+        if args.compare:
+            report = compare_csv(Path(args.predictions), Path(args.compare), plots=plots)
+        else:
+            report = evaluate_csv(Path(args.predictions), plots=plots)
     except (ValueError, KeyError) as exc:
-        raise UsageError(f"{args.predictions}: {exc}") from exc
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+        names = args.predictions + (f" vs {args.compare}" if args.compare else "")
+        raise UsageError(f"{names}: {exc}") from exc
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        if "comparison" in report:
+            print()
+            print(format_comparison(report["comparison"]))
     return 0
 
 
@@ -135,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a manifest of DICOM files with T-scores")
     p.add_argument("--manifest", required=True, action="append", help="CSV of DICOM paths and T-scores (repeatable)")
-    p.add_argument("--holdout", action="append", help="manifest of an independent hold-out set (repeatable)")
+    p.add_argument("--holdout", action="append", help="manifest of an independent hold-out set, or NAME=CSV for a named set "
+                   "(repeatable; e.g. holdout_profile=held/manifest.csv)")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
@@ -152,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plots", help="write ROC/calibration/Bland-Altman PNGs here")
+    p.add_argument("--compare", metavar="B.csv",
+                   help="a second predictions CSV of the same cases: paired DeLong test of the AUCs and the "
+                        "paired difference in T-score MAE (rows pair by group,site[,site_type,view] if both files "
+                        "have them, else by order); with --json under the key \"comparison\"")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="end-to-end demonstration on a fresh machine")

@@ -71,6 +71,7 @@ class Settings:
     # worker
     model_path: Path = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
+    model_threads: int = 1  # torch CPU threads per process: a study's few crops run fastest on one
     poll_seconds: float = 0.5
     lease_seconds: float = 120.0
     job_max_attempts: int = 3
@@ -175,5 +176,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"port {s.port} out of range")
     if s.settle_seconds < 0:
         raise ConfigError("settle_seconds must be >= 0")
+    if s.model_threads < 1:
+        raise ConfigError(f"model_threads must be at least 1, got {s.model_threads}")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {s.device!r} must be auto, cpu or cuda")

@@ -71,7 +71,12 @@ class Prediction:
 
 
 class LoadedModel:
-    def __init__(self, path: Path | str, device: str = "auto"):
+    def __init__(self, path: Path | str, device: str = "auto", threads: int | None = None):
+        """threads: torch's CPU thread count for this process (None leaves it alone). A study's few
+        crops run fastest on one thread; torch's default of one per core costs ~100× on a loaded
+        2-core machine (benchmarks/README.md)."""
+        if threads:
+            torch.set_num_threads(threads)
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"model checkpoint {self.path} not found")

@@ -25,7 +25,7 @@ from .covariates import read_covariates
 from .crops import normalise, paste_map, site_type, square_crop
 from .dicom_io import UnreadablePixels, load_radiograph, resample
 from .localize import locate_sites
-from .quality import anatomy_present, metal_in_site, metal_mask
+from .quality import MetalDetector, anatomy_present
 
 MIN_LOCALISATION_CONFIDENCE = 0.5
 DISPLAY_MAX_SIDE = 1024
@@ -90,8 +90,8 @@ def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, si
         if loc.confidence < MIN_LOCALISATION_CONFIDENCE:
             result.sites.append(_not_assessable(ds, site, REASON_LOW_LOCALISATION_CONFIDENCE, source_box, loc.confidence))
             continue
-        metal = metal_mask(rad.pixels, rad.spacing_mm[0]) if metal is None else metal
-        if metal_in_site(metal, loc.box, rad.spacing_mm[0]):
+        metal = metal or MetalDetector(rad.pixels, rad.spacing_mm[0])
+        if metal.in_site(loc.box):
             result.sites.append(_not_assessable(ds, site, REASON_IMPLANT, source_box, loc.confidence))
             continue
         finding = SiteFinding(site=site, source_sop_instance_uid=result.sop_instance_uid,

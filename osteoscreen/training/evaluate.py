@@ -2,7 +2,11 @@
 
 Per class (one-vs-rest): sensitivity, specificity, PPV, NPV with Wilson 95 % CIs; AUC with a DeLong
 95 % CI; accuracy; confusion matrix; for T-scores MAE, Pearson r and Bland-Altman limits; expected
-calibration error. Proportions are fractions in [0, 1].
+calibration error. Proportions are fractions in [0, 1]. Rows without all three probabilities
+count for the confusion-matrix metrics but are left out of AUC and ECE (their number is reported).
+
+`compare_csv` adds a paired comparison of two prediction files of the same cases: DeLong's test
+of the AUC difference per class and a paired-t interval for the difference in T-score MAE.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from ..findings import CLASSES
 
 Z95 = 1.959963984540054
+KEY_COLUMNS = ("group", "site")  # what pairs the rows of two prediction files
+EXTRA_KEY_COLUMNS = ("site_type", "view")  # used as well where both files have them (lumbar AP vs LAT)
 
 
 def wilson_ci(k: int, n: int) -> list[float] | None:
@@ -33,18 +39,61 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     return stats.rankdata(x, method="average")
 
 
-def delong_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """AUC and its DeLong variance (DeLong et al. 1988, fast midrank form of Sun & Xu 2014)."""
+def _structural_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's structural components by midranks (Sun & Xu 2014), O((m+n) log(m+n)).
+
+    v10[i] = mean over negatives j of psi(x_i, y_j) for each positive i, v01[j] = mean over
+    positives i of psi(x_i, y_j) for each negative j, with psi = 1 if x > y, 1/2 if equal, else 0.
+    """
     pos, neg = scores[y_true == 1], scores[y_true == 0]
     m, n = len(pos), len(neg)
-    if m == 0 or n == 0:
-        return float("nan"), float("nan")
     tx, ty, tz = _midranks(pos), _midranks(neg), _midranks(np.concatenate([pos, neg]))
     auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
-    v01 = (tz[:m] - tx) / n
-    v10 = 1.0 - (tz[m:] - ty) / m
-    var = np.var(v01, ddof=1) / m + np.var(v10, ddof=1) / n if m > 1 and n > 1 else float("nan")
-    return float(auc), float(var)
+    v10 = (tz[:m] - tx) / n
+    v01 = 1.0 - (tz[m:] - ty) / m
+    return float(auc), v10, v01
+
+
+def delong_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """AUC and its DeLong variance (DeLong et al. 1988, fast midrank form of Sun & Xu 2014)."""
+    m, n = int((y_true == 1).sum()), int((y_true == 0).sum())
+    if m == 0 or n == 0:
+        return float("nan"), float("nan")
+    auc, v10, v01 = _structural_components(y_true, scores)
+    var = np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n if m > 1 and n > 1 else float("nan")
+    return auc, float(var)
+
+
+def delong_paired(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both AUCs and their 2x2 DeLong covariance for two scores of the same cases (paired).
+
+    S = S10 / m + S01 / n, where S10 (S01) is the sample covariance of the two models' structural
+    components over the positives (negatives); var(AUC_A - AUC_B) = S[0,0] + S[1,1] - 2 S[0,1].
+    """
+    y_true = np.asarray(y_true)
+    m, n = int((y_true == 1).sum()), int((y_true == 0).sum())
+    if m < 2 or n < 2:
+        raise ValueError("the DeLong test needs at least two positive and two negative cases")
+    auc_a, v10_a, v01_a = _structural_components(y_true, np.asarray(scores_a, dtype=float))
+    auc_b, v10_b, v01_b = _structural_components(y_true, np.asarray(scores_b, dtype=float))
+    cov = np.cov(np.stack([v10_a, v10_b])) / m + np.cov(np.stack([v01_a, v01_b])) / n
+    return np.array([auc_a, auc_b]), cov
+
+
+def delong_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> dict:
+    """Paired two-sided DeLong test of AUC_A = AUC_B: difference A - B, its SE, 95 % CI, z and p."""
+    aucs, cov = delong_paired(y_true, scores_a, scores_b)
+    diff = float(aucs[0] - aucs[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    se = math.sqrt(var) if var > 1e-15 else 0.0
+    if se > 0:
+        z = diff / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    else:  # identical rankings (or both perfect): no evidence of a difference unless the AUCs differ
+        z, p = (0.0, 1.0) if abs(diff) < 1e-12 else (math.copysign(math.inf, diff), 0.0)
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": diff, "se": se,
+            "ci": [diff - Z95 * se, diff + Z95 * se], "z": None if math.isinf(z) else float(z), "p_value": p,
+            "n_positive": int((np.asarray(y_true) == 1).sum()), "n_negative": int((np.asarray(y_true) == 0).sum())}
 
 
 def auc_with_ci(y_true: np.ndarray, scores: np.ndarray) -> dict:
@@ -80,6 +129,9 @@ def evaluate_arrays(true_class: list[str], predicted_class: list[str], probs: np
     n = int(cm.sum())
     report = {"n": n, "accuracy": float(np.trace(cm) / n) if n else None, "classes": {},
               "confusion_matrix": {"labels": labels, "rows_true_cols_predicted": cm.tolist()}}
+    # AUC and ECE use only the rows with all three probabilities; the count left out is reported
+    has_p = np.zeros(n, dtype=bool) if probs is None else np.isfinite(np.asarray(probs, dtype=float)).all(axis=1)
+    report["skipped_missing_probabilities"] = int(n - has_p.sum())
     for i, label in enumerate(labels):
         tp, fn = int(cm[i, i]), int(cm[i].sum() - cm[i, i])
         fp, tn = int(cm[:, i].sum() - cm[i, i]), int(n - cm[i].sum() - cm[:, i].sum() + cm[i, i])
@@ -89,10 +141,10 @@ def evaluate_arrays(true_class: list[str], predicted_class: list[str], probs: np
             entry[name] = k / d if d else None
             entry[f"{name}_ci"] = wilson_ci(k, d)
         if probs is not None:
-            entry.update(auc_with_ci((y == i).astype(int), probs[:, i]))
+            entry.update(auc_with_ci((y[has_p] == i).astype(int), probs[has_p, i]))
         report["classes"][label] = entry
-    if probs is not None:
-        report["ece"] = expected_calibration_error(np.eye(len(labels))[y], probs)
+    if probs is not None and has_p.any():
+        report["ece"] = expected_calibration_error(np.eye(len(labels))[y[has_p]], probs[has_p])
     if true_t is not None and predicted_t is not None:
         ok = ~(np.isnan(true_t) | np.isnan(predicted_t))
         t, pt = true_t[ok], predicted_t[ok]
@@ -116,6 +168,8 @@ def read_predictions(path: Path) -> dict:
             raise ValueError(f"{path} lacks the column {col!r}")
     out = {"true_class": [r["true_class"].strip() for r in rows],
            "predicted_class": [r["predicted_class"].strip() for r in rows]}
+    if all(c in rows[0] for c in KEY_COLUMNS):
+        out["keys"] = {c: [r[c].strip() for r in rows] for c in KEY_COLUMNS + EXTRA_KEY_COLUMNS if c in rows[0]}
 
     def floats(col):
         return np.array([float(r[col]) if r.get(col, "").strip() else np.nan for r in rows])
@@ -137,6 +191,132 @@ def evaluate_csv(path: Path, plots: Path | None = None) -> dict:
     return report
 
 
+def pair_rows(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """Indices that pair the rows of two prediction files, and how they were paired.
+
+    By the key columns group,site when both files have them, with site_type and view added where
+    both files have those too (a key still repeated within a file, such as the AP and lateral views
+    of one lumbar spine without a site_type column, pairs by its order of appearance), else by row
+    order. Raises ValueError when the rows do not pair one to one or the paired truth disagrees."""
+    if "keys" in a and "keys" in b:
+        cols = [c for c in KEY_COLUMNS + EXTRA_KEY_COLUMNS if c in a["keys"] and c in b["keys"]]
+
+        def numbered(keys):
+            seen: dict = {}
+            out = {}
+            for i, k in enumerate(zip(*(keys[c] for c in cols))):
+                seen[k] = seen.get(k, 0) + 1
+                out[(*k, seen[k])] = i
+            return out
+        ka, kb = numbered(a["keys"]), numbered(b["keys"])
+        only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+        if only_a or only_b:
+            example = ", ".join(f"{c}={v!r}" for c, v in zip(cols, (only_a or only_b)[0]))
+            raise ValueError(f"the files do not hold the same cases: {len(only_a)} key(s) only in A, "
+                             f"{len(only_b)} only in B (e.g. {example})")
+        order = list(ka)
+        ia, ib = np.array([ka[k] for k in order]), np.array([kb[k] for k in order])
+        pairing = ",".join(cols)
+    else:
+        if len(a["true_class"]) != len(b["true_class"]):
+            raise ValueError(f"without {','.join(KEY_COLUMNS)} columns in both files rows pair by order, "
+                             f"but A has {len(a['true_class'])} rows and B {len(b['true_class'])}")
+        ia = ib = np.arange(len(a["true_class"]))
+        pairing = "row order"
+    bad = [i for i, j in zip(ia, ib) if a["true_class"][i] != b["true_class"][j]]
+    if "true_t" in a and "true_t" in b:
+        ta, tb = a["true_t"][ia], b["true_t"][ib]
+        off = ~((np.isnan(ta) & np.isnan(tb)) | (np.abs(ta - tb) <= 5e-3))
+        bad = sorted(set(bad) | set(ia[off].tolist()))
+    if bad:
+        raise ValueError(f"true labels disagree in {len(bad)} paired row(s) (first: data row {bad[0] + 1} of A); "
+                         "the two files must score the same cases")
+    return ia, ib, pairing
+
+
+def compare_arrays(a: dict, b: dict) -> dict:
+    """Paired comparison of two prediction sets (dicts as read_predictions returns, same cases).
+
+    Per class, one vs rest on p_<class>: AUC A, AUC B, A - B with its DeLong SE, 95 % CI and
+    two-sided p. T-scores: MAE A, MAE B and the mean paired difference of absolute errors with a
+    paired-t 95 % CI and p."""
+    ia, ib, pairing = pair_rows(a, b)
+    y = np.array([CLASSES.index(a["true_class"][i]) for i in ia])
+    out: dict = {"pairing": pairing, "n_paired": int(len(ia)),
+                 "accuracy_a": float(np.mean([a["predicted_class"][i] == a["true_class"][i] for i in ia])),
+                 "accuracy_b": float(np.mean([b["predicted_class"][j] == b["true_class"][j] for j in ib])),
+                 "auc_method": "DeLong et al. 1988 paired test, midrank algorithm of Sun & Xu 2014; "
+                               "difference = A - B, one vs rest on p_<class>",
+                 "classes": {}}
+    if "probs" in a and "probs" in b:
+        pa, pb = a["probs"][ia], b["probs"][ib]
+        ok = np.isfinite(pa).all(axis=1) & np.isfinite(pb).all(axis=1)
+        out["skipped_missing_probabilities"] = int((~ok).sum())
+        for i, label in enumerate(CLASSES):
+            yi = (y[ok] == i).astype(int)
+            try:
+                out["classes"][label] = delong_test(yi, pa[ok, i], pb[ok, i])
+            except ValueError as exc:
+                out["classes"][label] = {"auc_a": None, "auc_b": None, "difference": None, "se": None,
+                                         "ci": None, "z": None, "p_value": None, "n_positive": int(yi.sum()),
+                                         "n_negative": int(len(yi) - yi.sum()), "note": str(exc)}
+    else:
+        out["skipped_missing_probabilities"] = int(len(ia))
+    if all(k in a and k in b for k in ("true_t", "predicted_t")):
+        t, ta, tb = a["true_t"][ia], a["predicted_t"][ia], b["predicted_t"][ib]
+        ok = np.isfinite(t) & np.isfinite(ta) & np.isfinite(tb)
+        if ok.sum() >= 2:
+            ea, eb = np.abs(ta[ok] - t[ok]), np.abs(tb[ok] - t[ok])
+            d = ea - eb
+            k = int(ok.sum())
+            se = float(d.std(ddof=1) / math.sqrt(k))
+            mean = float(d.mean())
+            tcrit = float(stats.t.ppf(0.975, k - 1))
+            if se > 0:
+                p = float(2 * stats.t.sf(abs(mean / se), k - 1))
+            else:
+                p = 1.0 if mean == 0 else 0.0
+            out["t_score"] = {"n": k, "mae_a": float(ea.mean()), "mae_b": float(eb.mean()),
+                              "difference": mean, "se": se, "ci": [mean - tcrit * se, mean + tcrit * se],
+                              "p_value": p,
+                              "method": "paired t on per-row absolute errors |A - true| - |B - true|; "
+                                        "difference = MAE A - MAE B"}
+    return out
+
+
+def compare_csv(path_a: Path, path_b: Path, plots: Path | None = None) -> dict:
+    """A's normal report with the paired comparison against B under "comparison"."""
+    report = evaluate_csv(path_a, plots)
+    comparison = compare_arrays(read_predictions(path_a), read_predictions(path_b))
+    report["comparison"] = {"a": str(path_a), "b": str(path_b), **comparison}
+    return report
+
+
+def format_comparison(c: dict) -> str:
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    def pval(p):
+        return "n/a" if p is None else ("<0.0001" if p < 1e-4 else f"{p:.4f}")
+
+    lines = [f"paired comparison: A = {c.get('a', 'A')}, B = {c.get('b', 'B')}",
+             f"  {c['n_paired']} paired rows (paired by {c['pairing']}); "
+             f"{c['skipped_missing_probabilities']} left out of the AUC tests for missing probabilities",
+             f"  accuracy A {100 * c['accuracy_a']:.1f} %, B {100 * c['accuracy_b']:.1f} %",
+             f"  {'class':<13}{'AUC A':>7}{'AUC B':>7}{'A-B':>8}{'SE':>7}  {'95% CI':<17}{'p':>8}"]
+    for label, e in c["classes"].items():
+        ci = e.get("ci")
+        lines.append(f"  {label:<13}{num(e['auc_a'], '.3f'):>7}{num(e['auc_b'], '.3f'):>7}"
+                     f"{num(e['difference'], '+.3f'):>8}{num(e['se'], '.3f'):>7}  "
+                     f"{'' if not ci else f'{ci[0]:+.3f} to {ci[1]:+.3f}':<17}{pval(e['p_value']):>8}")
+    lines.append("  (DeLong paired test, one vs rest)")
+    if "t_score" in c:
+        t = c["t_score"]
+        lines.append(f"  T-score MAE: A {t['mae_a']:.3f}, B {t['mae_b']:.3f}, A-B {t['difference']:+.3f} "
+                     f"(95% CI {t['ci'][0]:+.3f} to {t['ci'][1]:+.3f}, paired t, p {pval(t['p_value'])}, n {t['n']})")
+    return "\n".join(lines)
+
+
 def write_plots(data: dict, folder: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -147,6 +327,9 @@ def write_plots(data: dict, folder: Path) -> list[str]:
     y = np.array([CLASSES.index(c) for c in data["true_class"]])
     probs = data.get("probs")
     if probs is not None:
+        ok = np.isfinite(probs).all(axis=1)
+        probs, y = probs[ok], y[ok]
+    if probs is not None and len(y):
         fig, ax = plt.subplots(figsize=(5, 5))
         for i, label in enumerate(CLASSES):
             if 0 < (y == i).sum() < len(y):
@@ -208,6 +391,8 @@ def format_report(report: dict) -> str:
     lines += ["  " + " ".join(f"{v:6d}" for v in row) for row in cm["rows_true_cols_predicted"]]
     if "ece" in report:
         lines.append(f"expected calibration error = {report['ece']:.3f}")
+    if report.get("skipped_missing_probabilities"):
+        lines.append(f"{report['skipped_missing_probabilities']} row(s) without probabilities left out of AUC and ECE")
     if "t_score" in report:
         t = report["t_score"]
         ba = t["bland_altman"]
