@@ -63,6 +63,7 @@ class Prediction:
     region_t_scores: dict[str, np.ndarray] | None = None  # sub-region name → N (NaN where not reported)
     ood_distance: np.ndarray | None = None  # N, Mahalanobis distance to the training crops of that site type
     ood_threshold: np.ndarray | None = None  # N, the distance above which a crop is out of distribution
+    implant_probability: np.ndarray | None = None  # N, from the implant head where the model has one
 
     def out_of_distribution(self) -> np.ndarray:
         if self.ood_distance is None or self.ood_threshold is None:
@@ -105,9 +106,10 @@ class LoadedModel:
         if not parts:
             s = crops.shape[-1] if crops.ndim == 3 else 0
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
-        probs, ts, cams, embs = (np.concatenate(p) for p in zip(*parts))
+        probs, ts, cams, embs, implant = (np.concatenate(p) for p in zip(*parts))
         regions = {name: ts[:, k + 1] for k, name in enumerate(self.region_names)} or None
-        pred = Prediction(probs, ts[:, 0], cams, embs, regions)
+        pred = Prediction(probs, ts[:, 0], cams, embs, regions,
+                          implant_probability=implant if self.net.implant is not None else None)
         if self.ood:
             dist, limit = np.full(len(ts), np.nan), np.full(len(ts), np.inf)
             for st, (mean, precision, threshold) in self.ood.items():
@@ -124,7 +126,7 @@ class LoadedModel:
         with torch.no_grad():
             fmap = self.net.features(x)
         fmap = fmap.detach().requires_grad_(True)
-        logits, t_norm = self.net.head(fmap, cov, st)
+        logits, t_norm, implant = self.net.heads(fmap, cov, st)
         predicted = logits.argmax(dim=1)
         score = logits.gather(1, predicted[:, None]).sum()
         (grads,) = torch.autograd.grad(score, fmap)
@@ -143,4 +145,4 @@ class LoadedModel:
             probs = torch.softmax(logits / self.temperature, dim=1)
             t = t_norm * self.t_std + self.t_mean
         return (probs.cpu().numpy(), t.cpu().numpy(), cam.cpu().numpy(),
-                fmap.detach().mean(dim=(2, 3)).cpu().numpy())
+                fmap.detach().mean(dim=(2, 3)).cpu().numpy(), torch.sigmoid(implant.detach()).cpu().numpy())

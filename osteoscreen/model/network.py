@@ -6,7 +6,8 @@
   S2 and Kim et al. gained 2-4 % AUC from them.
 - Heads: three WHO classes and estimated T-scores (multi-task, S1): the site's T-score first, then
   one per DXA sub-region the site reports (for hips the femoral neck; the site value is the total
-  hip). A checkpoint's `arch["n_t_outputs"]` says how many.
+  hip). A checkpoint's `arch["n_t_outputs"]` says how many. With `arch["implant_head"]` a third
+  head gives the logit that metal lies in the crop (a quality gate learned from labelled crops).
 The network is split into `features` and `head` so that Grad-CAM needs gradients only from the
 class score down to the last feature map: the backbone runs once, without autograd.
 """
@@ -55,10 +56,11 @@ class NonLocalBlock(nn.Module):
 
 
 class OsteoNet(nn.Module):
-    def __init__(self, n_covariates: int = 7, n_site_types: int = 3, widths=(16, 32, 64, 96), n_t_outputs: int = 1):
+    def __init__(self, n_covariates: int = 7, n_site_types: int = 3, widths=(16, 32, 64, 96), n_t_outputs: int = 1,
+                 implant_head: bool = False):
         super().__init__()
         self.arch = {"n_covariates": n_covariates, "n_site_types": n_site_types, "widths": list(widths),
-                     "n_t_outputs": n_t_outputs}
+                     "n_t_outputs": n_t_outputs, "implant_head": implant_head}
         w0, w1, w2, w3 = widths
         self.stem = nn.Sequential(nn.Conv2d(1, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())  # 64
         self.stage1 = ResidualBlock(w0, w1, 2)  # 32
@@ -70,16 +72,26 @@ class OsteoNet(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(joint, 64), nn.ReLU(), nn.Dropout(0.2))
         self.classifier = nn.Linear(64, 3)
         self.regressor = nn.Linear(64, n_t_outputs)
+        self.implant = nn.Linear(64, 1) if implant_head else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage3(self.context(self.stage2(self.stage1(self.stem(x)))))
 
-    def head(self, fmap: torch.Tensor, covariates: torch.Tensor, site_type: torch.Tensor):
-        """Class logits (N×3) and normalised T-scores (N×n_t_outputs)."""
+    def _joint(self, fmap, covariates, site_type):
         pooled = fmap.mean(dim=(2, 3))
         onehot = F.one_hot(site_type.long(), self.n_site_types).to(pooled.dtype)
-        z = self.trunk(torch.cat([pooled, covariates.to(pooled.dtype), onehot], dim=1))
+        return self.trunk(torch.cat([pooled, covariates.to(pooled.dtype), onehot], dim=1))
+
+    def head(self, fmap: torch.Tensor, covariates: torch.Tensor, site_type: torch.Tensor):
+        """Class logits (N×3) and normalised T-scores (N×n_t_outputs)."""
+        z = self._joint(fmap, covariates, site_type)
         return self.classifier(z), self.regressor(z)
+
+    def heads(self, fmap: torch.Tensor, covariates: torch.Tensor, site_type: torch.Tensor):
+        """Class logits, normalised T-scores and the implant logit (N; zeros without that head)."""
+        z = self._joint(fmap, covariates, site_type)
+        implant = self.implant(z)[:, 0] if self.implant is not None else torch.zeros(len(z), device=z.device)
+        return self.classifier(z), self.regressor(z), implant
 
     def forward(self, x, covariates, site_type):
         return self.head(self.features(x), covariates, site_type)

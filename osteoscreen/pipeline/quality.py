@@ -6,9 +6,12 @@ Checks, in the order the pipeline runs them (each gives a machine-readable reaso
   a hip or spine radiograph whatever its header says (other anatomy, other modality): every site is
   "not_screening_image";
 - *localisation confidence* (in screen.py, MIN_LOCALISATION_CONFIDENCE);
-- *metal in the site*: arthroplasty, screws and rods attenuate far more than bone, so they are the
-  brightest, texture-free, sharply bounded plateaus of a radiograph. A site is refused when a thick
-  plateau at the top of the image's range overlaps its box (`MetalDetector`);
+- *metal in the site*, twice. Before the model, a classical check (`MetalDetector`): arthroplasty,
+  screws and rods attenuate far more than bone, so where the window leaves them unclipped they are
+  thick plateaus at the top of the image's range that drop steeply to the bone around them. Tuned
+  strict (no clean phantom site fires), it catches the obvious cases for any checkpoint. After the
+  model, its implant head (trained on crops labelled `<site>_implant`) catches the rest: metal the
+  window clipped together with dense bone looks like a plateau with a gentle border;
 - *out of distribution* (after the model, in screen.py): the crop's pooled features lie farther
   from the training crops of that site type than the checkpoint's threshold (Mahalanobis distance).
 """
@@ -27,7 +30,7 @@ METAL_CORE_MM = 1.5
 METAL_MIN_AREA_MM2 = 12.0
 TOP_QUANTILE = 0.9995
 RING_MM = 3.0  # the border ring sampled 1-3 mm outside a plateau
-METAL_MIN_STEP = 0.3  # median drop from the plateau to its border ring, in units of the image's range
+METAL_MIN_STEP = 0.5  # median drop from the plateau to its border ring, in units of the image's range
 
 
 def anatomy_present(confidences: list[float]) -> bool:

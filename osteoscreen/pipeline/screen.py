@@ -3,7 +3,8 @@ out-of-distribution gate → fuse the views of a site.
 
 Pure: no network, no database. Takes pydicom datasets with their routing decision (region, view),
 returns one ImageResult per image with a SiteFinding per expected site. The gates are described in
-`quality`; a header can route an image here but only its pixels make a site assessable.
+`quality` (metal: a classical plateau detector before the model, the model's implant head after
+it); a header can route an image here but only its pixels make a site assessable.
 
 Two-view lumbar studies: when the AP and the lateral view both give an assessable lumbar estimate,
 both findings carry the fused estimate (mean of the two views' logits, then the calibrated softmax;
@@ -28,6 +29,7 @@ from .localize import locate_sites
 from .quality import MetalDetector, anatomy_present
 
 MIN_LOCALISATION_CONFIDENCE = 0.5
+IMPLANT_PROBABILITY_LIMIT = 0.5  # the model's implant head (trained on labelled crops)
 DISPLAY_MAX_SIDE = 1024
 EXPECTED_SITES = {"hip": ("right_hip", "left_hip"), "lumbar": ("lumbar_spine",)}
 # Names of the model's sub-region outputs → the DXA region they estimate, per site; the site's own
@@ -115,8 +117,13 @@ def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool) -> dict[
                          np.array([p.covariates for p in pending], dtype=np.float32),
                          np.array([p.site_type for p in pending]))
     outside = pred.out_of_distribution()
+    metal = (pred.implant_probability > IMPLANT_PROBABILITY_LIMIT if pred.implant_probability is not None
+             else np.zeros(len(pending), dtype=bool))
     evidence = {}
     for i, p in enumerate(pending):
+        if metal[i]:
+            _refuse(p.finding, REASON_IMPLANT)
+            continue
         if outside[i]:
             _refuse(p.finding, REASON_OUT_OF_DISTRIBUTION)
             continue

@@ -4,8 +4,8 @@ Crops are made by the same code the node runs (decode → locate → crop), so t
 exactly what it will see. The manifest needs `path` and at least one of `left_hip_t_score`,
 `right_hip_t_score`, `lumbar_spine_t_score` (for hips the total-hip T-score); optional columns:
 `left_hip_neck_t_score` / `right_hip_neck_t_score` (femoral neck, the other DXA hip region; missing is
-fine, that output is then not trained on that crop), `<site>_implant` (1 → the crop is left out: the
-node refuses sites with metal), `kind` (hip|lumbar) and `view` (ap|lat), read from the header by the
+fine, that output is then not trained on that crop), `<site>_implant` (1: metal in the site; such
+crops train only the implant head, which the node uses to refuse them), `kind` (hip|lumbar) and `view` (ap|lat), read from the header by the
 routing rules when absent, and `study_instance_uid`, which keeps a study's images in one split.
 """
 from __future__ import annotations
@@ -44,10 +44,13 @@ class Samples:
     groups: np.ndarray  # N study identifiers (str)
     sites: np.ndarray  # N site names
     region_t_scores: np.ndarray | None = None  # N×len(REGION_OUTPUTS), NaN where not known
+    implants: np.ndarray | None = None  # N, 1 where metal lies in the site
 
     def __post_init__(self):
         if self.region_t_scores is None:
             self.region_t_scores = np.full((len(self.labels), len(REGION_OUTPUTS)), np.nan, np.float32)
+        if self.implants is None:
+            self.implants = np.zeros(len(self.labels), np.int64)
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, **self.__dict__)
@@ -85,7 +88,7 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
     if region is None or view is None:
         return [], f"{path.name}: region/view unknown"
     truth = {s: (row.get(f"{s}_t_score") or "").strip() for s in EXPECTED_SITES[region]}
-    truth = {s: float(v) for s, v in truth.items() if v and (row.get(f"{s}_implant") or "0").strip() in ("", "0")}
+    truth = {s: float(v) for s, v in truth.items() if v}
     if not truth:
         return [], None
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, region, view,
@@ -100,7 +103,9 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
             continue
         crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
         regions = [_float(row.get(f"{site}_{REGION_COLUMNS[r]}")) for r in REGION_OUTPUTS]
-        out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site, regions))
+        implant = int((row.get(f"{site}_implant") or "0").strip() not in ("", "0"))
+        out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site, regions,
+                    implant))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
 
 
@@ -132,4 +137,5 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
     return Samples(crops=np.stack(cols[0]).astype(np.float32), covariates=np.array(cols[1], dtype=np.float32),
                    site_types=np.array(cols[2], dtype=np.int64), t_scores=np.array(cols[3], dtype=np.float32),
                    labels=np.array(cols[4], dtype=np.int64), groups=np.array(cols[5]),
-                   sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32)), problems
+                   sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32),
+                   implants=np.array(cols[8], dtype=np.int64)), problems

@@ -59,6 +59,10 @@ def _metrics_section(title: str, m: dict) -> str:
         extra += (f"\nLumbar studies with AP and lateral views (n = {fused['n_studies']}): T-score MAE AP {a['t_mae']:.3f}, "
                   f"lateral {b['t_mae']:.3f}, fused {f['t_mae']:.3f}; osteoporosis AUC AP {_num(a['osteoporosis_auc'])}, "
                   f"lateral {_num(b['osteoporosis_auc'])}, fused {_num(f['osteoporosis_auc'])}.")
+    imp = m.get("implant_detection")
+    if imp:
+        extra += (f"\nImplant head (metal in the crop → not assessable): sensitivity {_pct(imp['sensitivity'])} on "
+                  f"{imp['n_with_metal']} crops with metal, specificity {_pct(imp['specificity'])} on {imp['n_without']} without.")
     if "out_of_distribution_rate" in m:
         extra += f"\nCrops the out-of-distribution gate would refuse: {_pct(m['out_of_distribution_rate'])}."
     return f"""### {title}

@@ -109,23 +109,24 @@ def _tensors(s: Samples, device):
 
 @torch.no_grad()
 def predict_logits(net: OsteoNet, s: Samples, device, batch: int = 256, tta: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits (N×3), normalised T outputs (N×K) and pooled features (N×F), the way the node computes
-    them (model.inference: logits and T averaged over the TTA views when `tta`)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (N×3), normalised T outputs (N×K), pooled features (N×F) and implant logits (N), the
+    way the node computes them (model.inference: logits and T averaged over the TTA views when `tta`)."""
     net.eval()
     x, cov, st, _, _ = _tensors(s, device)
-    logits, ts, embs = [], [], []
+    logits, ts, embs, implants = [], [], [], []
     for i in range(0, len(s), batch):
         xb, cb, sb = normalise_batch(x[i:i + batch]).to(device), cov[i:i + batch].to(device), st[i:i + batch].to(device)
         fmap = net.features(xb)
-        lg, t = net.head(fmap, cb, sb)
+        lg, t, implant = net.heads(fmap, cb, sb)
         if tta:
             for view in TTA_VIEWS[1:]:
                 lg2, t2 = net(tta_batch(xb, *view), cb, sb)
                 lg, t = lg + lg2, t + t2
             lg, t = lg / len(TTA_VIEWS), t / len(TTA_VIEWS)
         logits.append(lg.cpu()), ts.append(t.cpu()), embs.append(fmap.mean(dim=(2, 3)).cpu())
-    return torch.cat(logits), torch.cat(ts), torch.cat(embs)
+        implants.append(implant.cpu())
+    return torch.cat(logits), torch.cat(ts), torch.cat(embs), torch.cat(implants)
 
 
 def fit_ood(train_emb: np.ndarray, train_types: np.ndarray, val_emb: np.ndarray, val_types: np.ndarray,
@@ -176,9 +177,11 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
         samples.save(cache)
     train_idx, val_idx = split_by_group(samples.groups, cfg.val_fraction, cfg.seed)
     tr, va = samples.subset(train_idx), samples.subset(val_idx)
+    va_clean = va.subset(np.where(va.implants == 0)[0])  # crops with metal train and test only the implant head
     device = pick_device(cfg.device)
-    t_mean, t_std = float(tr.t_scores.mean()), float(tr.t_scores.std() + 1e-6)
-    net = OsteoNet(n_t_outputs=1 + len(REGION_OUTPUTS)).to(device)
+    clean = tr.implants == 0
+    t_mean, t_std = float(tr.t_scores[clean].mean()), float(tr.t_scores[clean].std() + 1e-6)
+    net = OsteoNet(n_t_outputs=1 + len(REGION_OUTPUTS), implant_head=bool(samples.implants.any())).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -196,6 +199,7 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
             sched = torch.optim.lr_scheduler.OneCycleLR(
                 opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch)
     x, cov, st, y, t = _tensors(tr, device)
+    implant = torch.from_numpy(tr.implants)
     t_norm = (t - t_mean) / t_std
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -206,29 +210,34 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = augment(x[idx], gen).to(device)
             cb = drop_covariates(cov[idx], cfg.covariate_dropout, gen).to(device)
-            logits, t_pred = net(xb, cb, st[idx].to(device))
+            logits, t_pred, implant_logit = net.heads(net.features(xb), cb, st[idx].to(device))
+            metal = implant[idx].to(device)
             target = t_norm[idx].to(device)
-            known = ~torch.isnan(target)  # sub-region T-scores are optional per crop
-            loss = F.cross_entropy(logits, y[idx].to(device)) + cfg.t_loss_weight * F.smooth_l1_loss(
+            known = ~torch.isnan(target) & (metal[:, None] == 0)  # sub-regions are optional; metal hides bone
+            loss = F.cross_entropy(logits[metal == 0], y[idx].to(device)[metal == 0]) + cfg.t_loss_weight * F.smooth_l1_loss(
                 t_pred[known], target[known])
+            if net.implant is not None:
+                loss = loss + F.binary_cross_entropy_with_logits(implant_logit, metal.float())
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        vl, vt, _ = predict_logits(net, va, device)
-        val_acc = float((vl.argmax(1).numpy() == va.labels).mean())
-        val_mae = float(np.abs(vt[:, 0].numpy() * t_std + t_mean - va.t_scores).mean())
+        vl, vt, _, _ = predict_logits(net, va_clean, device)
+        val_acc = float((vl.argmax(1).numpy() == va_clean.labels).mean())
+        val_mae = float(np.abs(vt[:, 0].numpy() * t_std + t_mean - va_clean.t_scores).mean())
         history.append({"epoch": epoch + 1, "train_loss": total / len(tr), "val_accuracy": val_acc, "val_t_mae": val_mae})
         if progress:
             tqdm.write(f"epoch {epoch + 1}: loss {total / len(tr):.4f}  val accuracy {val_acc:.3f}  val T MAE {val_mae:.3f}")
         torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": gen.get_state(), "epoch": epoch, "epochs": cfg.epochs, "history": history}, last)
-    vl, _, v_emb = predict_logits(net, va, device, tta=cfg.tta)
-    temperature = fit_temperature(vl, torch.from_numpy(va.labels))
-    _, _, t_emb = predict_logits(net, tr, device)
-    ood = fit_ood(t_emb.numpy(), tr.site_types, v_emb.numpy(), va.site_types, cfg.ood_quantile, cfg.ood_margin)
+    vl, _, v_emb, _ = predict_logits(net, va_clean, device, tta=cfg.tta)
+    temperature = fit_temperature(vl, torch.from_numpy(va_clean.labels))
+    tr_clean = tr.subset(np.where(tr.implants == 0)[0])
+    _, _, t_emb, _ = predict_logits(net, tr_clean, device)
+    ood = fit_ood(t_emb.numpy(), tr_clean.site_types, v_emb.numpy(), va_clean.site_types, cfg.ood_quantile,
+                  cfg.ood_margin)
     scoring = {"temperature": temperature, "t_mean": t_mean, "t_std": t_std, "tta": cfg.tta, "ood": ood}
     metrics = {"validation": _report(net, va, device, scoring, out, "validation")}
     if isinstance(holdout, (list, tuple)):
@@ -253,8 +262,18 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
 
 
 def _report(net, s: Samples, device, scoring: dict, out: Path, name: str) -> dict:
-    """Metrics, predictions CSV and plots for one evaluation set, scored as the node scores."""
-    logits, t_norm, emb = predict_logits(net, s, device, tta=scoring["tta"])
+    """Metrics, predictions CSV and plots for one evaluation set, scored as the node scores. Crops
+    with metal test the implant head; the rest everything else."""
+    implant_report = None
+    if s.implants.any() and net.implant is not None:
+        _, _, _, implant_logit = predict_logits(net, s, device)
+        flagged = (torch.sigmoid(implant_logit).numpy() > 0.5).astype(int)
+        tp, fn = int(((flagged == 1) & (s.implants == 1)).sum()), int(((flagged == 0) & (s.implants == 1)).sum())
+        fp, tn = int(((flagged == 1) & (s.implants == 0)).sum()), int(((flagged == 0) & (s.implants == 0)).sum())
+        implant_report = {"n_with_metal": tp + fn, "n_without": fp + tn, "sensitivity": tp / max(1, tp + fn),
+                          "specificity": tn / max(1, tn + fp)}
+    s = s.subset(np.where(s.implants == 0)[0])
+    logits, t_norm, emb, _ = predict_logits(net, s, device, tta=scoring["tta"])
     probs = torch.softmax(logits / scoring["temperature"], 1).numpy()
     t_all = (t_norm.numpy() * scoring["t_std"] + scoring["t_mean"]).astype(float)
     pred_t = t_all[:, 0]
@@ -270,6 +289,8 @@ def _report(net, s: Samples, device, scoring: dict, out: Path, name: str) -> dic
                  "predicted_t": pred_t}, out / "plots" / name)
     report = evaluate_arrays(true_class, pred_class, probs, s.t_scores.astype(float), pred_t)
     report["out_of_distribution_rate"] = float(ood.mean())
+    if implant_report:
+        report["implant_detection"] = implant_report
     report["by_site_type"] = {}
     for i, st in enumerate(SITE_TYPES):
         m = s.site_types == i
