@@ -45,9 +45,18 @@ def cmd_run_roles(args) -> int:
 
 def cmd_synth(args) -> int:
     from .synth import synthesize
+    from .synth.profiles import PROFILES
     views = tuple(args.views.split(",")) if args.views else None
+    profiles = tuple(args.profile.split(",")) if args.profile else None
+    unknown = [p for p in profiles or () if p not in PROFILES]
+    if unknown:
+        raise UsageError(f"unknown scanner profile(s) {', '.join(unknown)}; known: {', '.join(PROFILES)}")
+    for name in ("implant_rate", "foreign_body_rate"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
     manifest = synthesize(args.kind, args.count, Path(args.out), seed=args.seed, views=views,
-                          transfer_syntax=args.transfer_syntax, progress=not args.quiet)
+                          transfer_syntax=args.transfer_syntax, progress=not args.quiet, profiles=profiles,
+                          implant_rate=args.implant_rate, foreign_body_rate=args.foreign_body_rate)
     print(manifest)
     return 0
 
@@ -137,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--views", help="comma-separated views, e.g. ap,lat (lumbar default)")
     p.add_argument("--transfer-syntax", default="1.2.840.10008.1.2.1")
+    p.add_argument("--profile", help="comma-separated scanner profiles to draw from (default: the training "
+                   "profiles; name the held-out one to measure domain shift)")
+    p.add_argument("--implant-rate", type=float, default=0.0, help="chance of metal at each site (0-1)")
+    p.add_argument("--foreign-body-rate", type=float, default=0.0, help="chance of foreign bodies per image (0-1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 

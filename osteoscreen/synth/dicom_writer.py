@@ -67,6 +67,12 @@ class ImageInfo:
     spacing_mm: float
     bits_stored: int
     photometric: str  # MONOCHROME1 | MONOCHROME2 (bone bright either way once displayed)
+    manufacturer: str = "osteoscreen"  # the scanner profile's equipment identity (General Equipment)
+    model_name: str = "synthetic phantom"
+    station_name: str = ""  # written when not empty
+    detector_type: str = "SCINTILLATOR"  # DIRECT | SCINTILLATOR | STORAGE
+    software: str = "osteoscreen.synth"
+    window: tuple[float, float] | None = None  # (centre, width); None: 0.5-99.5 % of the stored values
 
 
 def _code_item(code) -> Dataset:
@@ -111,9 +117,11 @@ def _series_modules(ds: Dataset, image: ImageInfo) -> None:
     ds.ProtocolName = study_description
     ds.BodyPartExamined = body_part
     ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "osteoscreen"
-    ds.ManufacturerModelName = "synthetic phantom"
-    ds.SoftwareVersions = "osteoscreen.synth"
+    ds.Manufacturer = image.manufacturer
+    ds.ManufacturerModelName = image.model_name
+    if image.station_name:
+        ds.StationName = image.station_name
+    ds.SoftwareVersions = image.software
     ds.InstitutionName = "SYNTHETIC"
 
 
@@ -132,7 +140,7 @@ def _image_modules(ds: Dataset, pixels: np.ndarray, study: StudyInfo, image: Ima
     ds.ViewPosition = view_position
     ds.ViewCodeSequence = [_code_item(view_code)]
     ds.PositionerType = "COLUMN"
-    ds.DetectorType = "SCINTILLATOR"
+    ds.DetectorType = image.detector_type
     spacing = f"{image.spacing_mm:.4f}"
     ds.ImagerPixelSpacing = [spacing, spacing]
     ds.PixelSpacing = [spacing, spacing]
@@ -157,7 +165,7 @@ def _image_modules(ds: Dataset, pixels: np.ndarray, study: StudyInfo, image: Ima
     ds.RescaleType = "US"
     ds.PresentationLUTShape = "INVERSE" if image.photometric == "MONOCHROME1" else "IDENTITY"
     ds.LossyImageCompression = "00"
-    center, width = _window(pixels)
+    center, width = image.window if image.window is not None else _window(pixels)
     ds.WindowCenter = f"{center:g}"
     ds.WindowWidth = f"{width:g}"
     ds.WindowCenterWidthExplanation = "AUTO"
