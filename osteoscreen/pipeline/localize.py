@@ -1,7 +1,16 @@
 """Find the screening sites: both proximal femurs on a pelvis AP, L1–L4 on a lumbar AP or lateral.
 
-Classical atlas registration, no learning. The atlas is the mean of a few phantoms without pose
-(`synth.phantoms.mean_anatomy`), built once per process. Image and atlas are brought to 2 mm pixels
+`locate_sites` is the entry the pipeline calls. It asks the learned localiser first
+(`localize_net`: a small U-Net trained on phantom truth boxes, method "unet"); for every site
+whose learned confidence is below `LEARNED_GATE` (0.5, the pipeline's own gate), and for all sites
+when the weights file is missing, it runs the classical atlas localiser below
+(`locate_sites_atlas`, method "atlas") and keeps whichever of the two is more confident. The header
+cross-check comes last: when the caller passes the header's laterality ("L"/"R" from
+ImageLaterality or Laterality) and a femur of the *other* side is what the anatomy shows, that
+femur's confidence is multiplied by `LATERALITY_MISMATCH` (the pipeline then refuses it).
+
+The classical localiser: atlas registration, no learning. The atlas is the mean of a few phantoms
+without pose (`synth.phantoms.mean_anatomy`), built once per process. Image and atlas are brought to 2 mm pixels
 and locally contrast-normalised (minus a 12 mm Gaussian mean, divided by the local standard
 deviation), which removes exposure, gain, offset, soft-tissue thickness and most of a gamma. Each site
 template (the site's truth landmarks plus a margin of context) is then matched by normalised
@@ -46,6 +55,8 @@ PAD_FRACTION = 0.35  # how far (of a template's size) a site may hang over the i
 MIN_EXTENT_MM = 80.0  # smaller images cannot hold a site
 HIP_SIDE_FRACTION = 0.62  # a hip is searched in this fraction of the width on its side
 PAIR_OK, PAIR_SLACK = 0.10, 0.15  # femur pair geometry error that costs nothing / everything
+LEARNED_GATE = 0.5  # below this learned confidence a site is also tried with the atlas
+LATERALITY_MISMATCH = 0.2  # confidence factor for a femur of the side the header does not name
 
 
 @dataclass(frozen=True)
@@ -228,7 +239,7 @@ def _locate_hips(work, to_source, shape, patient_left_on_image_right) -> list[Si
         return []
     pair = _pair_factor(m_left, m_right)
     names = ("right_hip", "left_hip") if patient_left_on_image_right else ("left_hip", "right_hip")
-    return [SiteLocation(name, _box(m.points, to_source, shape), _confidence(m.ncc) * pair)
+    return [SiteLocation(name, _box(m.points, to_source, shape), _confidence(m.ncc) * pair, method="atlas")
             for name, m in zip(names, (m_left, m_right))]
 
 
@@ -244,19 +255,64 @@ def _locate_lumbar(work, view, to_source, shape) -> list[SiteLocation]:
             best = mirrored
     if best.points is None:
         return []
-    return [SiteLocation("lumbar_spine", _box(best.points, to_source, shape), _confidence(best.ncc))]
+    return [SiteLocation("lumbar_spine", _box(best.points, to_source, shape), _confidence(best.ncc),
+                         method="atlas")]
 
 
 def warm_up() -> None:
-    """Build every atlas now (about 1.3 s), so that a worker pays it at start-up, not on a study."""
+    """Load the learned localiser and build every atlas now (about 1.5 s), so that a worker pays it
+    at start-up, not on a study."""
+    from . import localize_net
+
+    localize_net.warm_up()
     for region, view in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
         _templates(region, view)
 
 
 def locate_sites(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str,
-                 *, patient_left_on_image_right: bool = True) -> list[SiteLocation]:
+                 *, patient_left_on_image_right: bool = True,
+                 image_laterality: str | None = None) -> list[SiteLocation]:
     """Boxes (source pixels, exclusive ends) and confidences for the sites of `region` ("hip":
-    left_hip and right_hip on an AP view; "lumbar": lumbar_spine on an AP or lateral view).
+    left_hip and right_hip on an AP view; "lumbar": lumbar_spine on an AP or lateral view): learned
+    first, the atlas for each site the net is not sure of (see the module docstring).
+
+    `image` is bone-bright with any offset and scale, `spacing_mm` its (row, col) pixel size,
+    `patient_left_on_image_right` from PatientOrientation, `image_laterality` the header's
+    ImageLaterality/Laterality if any. An unsupported region/view or an unusable image gives an
+    empty list; anatomy that is not there gives low confidence."""
+    from . import localize_net
+
+    learned = localize_net.locate_sites_learned(image, spacing_mm, region, view,
+                                                patient_left_on_image_right=patient_left_on_image_right)
+    if learned is not None and all(loc.confidence >= LEARNED_GATE for loc in learned):
+        found = learned
+    else:
+        atlas = {loc.site: loc for loc in locate_sites_atlas(
+            image, spacing_mm, region, view, patient_left_on_image_right=patient_left_on_image_right)}
+        if learned is None:
+            found = list(atlas.values())
+        else:
+            found = [loc if loc.confidence >= LEARNED_GATE or loc.site not in atlas
+                     or atlas[loc.site].confidence <= loc.confidence else atlas[loc.site] for loc in learned]
+    return _check_laterality(found, region, image_laterality)
+
+
+def _check_laterality(found: list[SiteLocation], region: str, image_laterality: str | None) -> list[SiteLocation]:
+    """A header naming one side (L or R) makes a femur of the other side, found by anatomy, low."""
+    side = (image_laterality or "").strip().upper()
+    if region != "hip" or side not in ("L", "R"):
+        return found
+    named = "left_hip" if side == "L" else "right_hip"
+    for loc in found:
+        if loc.site != named:
+            loc.confidence *= LATERALITY_MISMATCH
+    return found
+
+
+def locate_sites_atlas(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str,
+                       *, patient_left_on_image_right: bool = True) -> list[SiteLocation]:
+    """The classical localiser alone (method "atlas"): boxes (source pixels, exclusive ends) and
+    confidences for the sites of `region`.
 
     `image` is bone-bright with any offset and scale, `spacing_mm` its (row, col) pixel size. An
     unsupported region/view or an unusable image gives an empty list; anatomy that is not there
