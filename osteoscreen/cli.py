@@ -81,7 +81,9 @@ def cmd_predict(args) -> int:
 def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      device=args.device, val_fraction=args.val_fraction, version=args.version)
+                      device=args.device, val_fraction=args.val_fraction, version=args.version,
+                      tta=not args.no_tta,
+                      **({} if args.t_loss_weight is None else {"t_loss_weight": args.t_loss_weight}))
     holdout: dict[str, list[Path]] = {}
     for spec in args.holdout or []:  # NAME=CSV names a hold-out set; plain CSVs form the set "holdout"
         name, _, path = spec.rpartition("=") if "=" in spec else ("holdout", "", spec)
@@ -92,6 +94,21 @@ def cmd_train(args) -> int:
     ckpt = train([Path(m) for m in args.manifest], Path(args.out), cfg, resume=args.resume,
                  progress=not args.quiet, holdout=holdout)
     print(ckpt)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .model.inference import LoadedModel
+    from .training.score import score_manifest
+    settings = load(args.config or None, {"model_path": args.model, "device": args.device})
+    if not Path(args.manifest).is_file():
+        raise UsageError(f"no such manifest: {args.manifest}")
+    model = LoadedModel(settings.model_path, settings.device, settings.model_threads)
+    try:
+        summary = score_manifest(Path(args.manifest), model, Path(args.out), progress=not args.quiet)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{args.manifest}: {exc}") from None
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -153,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("score", help="run the node's pipeline over a manifest; one CSV row per study site "
+                       "(for `evaluate`), gates and view fusion included")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="predictions CSV to write")
+    p.add_argument("--model", help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_score)
+
     p = sub.add_parser("predict", help="score DICOM files offline")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", action="store_true", help="one JSON object per file and line")
@@ -172,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--t-loss-weight", type=float, help="weight of the T-score loss against the class loss "
+                   "(default: TrainConfig's)")
+    p.add_argument("--no-tta", action="store_true", help="score without test-time augmentation")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--version", default="0.2.0")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -52,6 +52,16 @@ def patient_left_on_image_right(ds: Dataset) -> bool:
     return True
 
 
+def header_laterality(ds: Dataset) -> str | None:
+    """ImageLaterality (or series Laterality) when it names one side: a single-hip film. The localiser
+    checks it against the femur's anatomy."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
 def _not_assessable(ds: Dataset, site: str, reason: str, box=None, confidence=None) -> SiteFinding:
     return SiteFinding(site=site, source_sop_instance_uid=str(ds.SOPInstanceUID),
                        source_sop_class_uid=str(ds.SOPClassUID), assessable=False, reason=reason,
@@ -76,7 +86,8 @@ class _Pending:
 
 def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, sites) -> list[_Pending]:
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, item.region, item.view,
-                                                     patient_left_on_image_right=patient_left_on_image_right(ds))}
+                                                     patient_left_on_image_right=patient_left_on_image_right(ds),
+                                                     image_laterality=header_laterality(ds))}
     if not anatomy_present([loc.confidence for loc in located.values()]):
         result.sites = [_not_assessable(ds, s, REASON_NOT_SCREENING_IMAGE) for s in sites]
         return []

@@ -69,6 +69,7 @@ class SynthImage:
     profile: str = ""  # scanner profile name
     foreign_body: bool = False  # at least one foreign body in the image
     lumbar_findings: tuple[str, ...] = ()  # lumbar studies: e.g. ("osteophytes", "compression:L2")
+    bone_mask: np.ndarray | None = None  # every bone on the source grid (make_study only)
 
 
 def _check(kind: str, views) -> tuple[str, ...]:
@@ -181,7 +182,8 @@ def _make(kind: str, rng: np.random.Generator, views, photometric, patient_index
                 truth.neck_box = truth.region_boxes.get("femoral_neck")
             sites[site] = truth
         images.append(SynthImage(dataset=ds, kind=kind, view=view, sites=sites, profile=prof.name,
-                                 foreign_body=rendered.foreign_bodies > 0, lumbar_findings=findings))
+                                 foreign_body=rendered.foreign_bodies > 0, lumbar_findings=findings,
+                                 bone_mask=None if rendered.bone is None else upsample_mask(rendered.bone, shape)))
     return images
 
 

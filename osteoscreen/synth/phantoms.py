@@ -83,6 +83,7 @@ MU_METAL = 0.80  # per mm, steel / cobalt-chrome at an effective ~60 keV, harden
 METAL_CLIP = (1.5, 3.0)  # metal attenuation from which processing starts / fully clips it above the window
 NECK_T_SHIFT = (-0.3, 0.25)  # femoral neck T = total hip T + N(mean, sd): the neck usually reads lower
 SITE_T_NOISE = 0.3
+BONE_MASK_MM = 1.0  # bone path length above which a pixel counts as bone in the whole-bone mask
 HIP_SITES = {+1: "left_hip", -1: "right_hip"}  # +1: femur on the image's right (patient's left)
 
 
@@ -958,6 +959,7 @@ class Rendered:
     metal: np.ndarray | None = None  # coarse grid, metal path (mm), None when the image has no metal
     regions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # site → DXA region → field-mm points
     foreign_bodies: int = 0  # how many foreign bodies were placed
+    bone: np.ndarray | None = None  # coarse grid, True where any bone lies in the beam (with masks=True)
 
 
 def _field_box(points_mm: np.ndarray) -> tuple[float, float, float, float]:
@@ -992,7 +994,8 @@ def render(kind: str, view: str, patient: Patient, rng: np.random.Generator, *, 
         metal = np.maximum(cv.metal, 0.0)
         att = att + MU_METAL * metal
     regions = {s: {name: cv.to_field(pts) for name, pts in r.items()} for s, r in cv.regions.items()}
-    return Rendered(att.astype(np.float32), field_mm, truth, metal, regions, placed)
+    bone = (cv.cort + cv.trab) > BONE_MASK_MM if masks else None
+    return Rendered(att.astype(np.float32), field_mm, truth, metal, regions, placed, bone)
 
 
 def _wide_blur(image: np.ndarray, sigma_mm: float, step_mm: float, stride: int) -> np.ndarray:

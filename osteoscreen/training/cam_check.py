@@ -95,7 +95,11 @@ def site_records(image, result) -> list[dict]:
         if finding.assessable and truth is not None and truth.mask is not None and result.heatmap is not None:
             shape = result.heatmap.shape
             mask = mask_to_grid(truth.mask, result.display_scale, shape)
-            rec.update(bone_fractions(result.heatmap, mask, crop_region(finding.box, result.display_scale, shape)))
+            region = crop_region(finding.box, result.display_scale, shape)
+            rec.update(bone_fractions(result.heatmap, mask, region))
+            if getattr(image, "bone_mask", None) is not None:  # every bone in the crop, not only the site's
+                anyb = bone_fractions(result.heatmap, mask_to_grid(image.bone_mask, result.display_scale, shape), region)
+                rec.update({f"{k}_any_bone": v for k, v in anyb.items() if k != "region_pixels"})
         out.append(rec)
     return out
 
@@ -126,6 +130,13 @@ def summarise(records: list[dict]) -> dict:
             "pointing_hit_rate": float(np.mean(hits)) if hits else None,
             "box_iou": _stats(r.get("box_iou") for r in rs),
         }
+        anyb = [r for r in measured if r.get("cam_on_bone_any_bone") is not None]
+        if anyb:
+            out[st]["any_bone"] = {
+                "cam_on_bone": _stats(r["cam_on_bone_any_bone"] for r in anyb),
+                "chance": _stats(r["chance_any_bone"] for r in anyb),
+                "share_of_sites_with_most_mass_on_bone": float(np.mean([r["cam_on_bone_any_bone"] > 0.5 for r in anyb])),
+                "pointing_hit_rate": float(np.mean([r["pointing_hit_any_bone"] for r in anyb]))}
     return out
 
 
@@ -172,6 +183,15 @@ def format_summary(report: dict) -> str:
                      f"{f(s['lift']['mean']):>6}{f(s['pointing_hit_rate']):>9}{f(s['box_iou']['mean']):>8}")
     lines.append("on bone: share of CAM mass on the site's bone inside its crop square; chance: the bone "
                  "share of that square; pointing: CAM peak on bone")
+    rows = [(st, s["any_bone"]) for st, s in report["site_types"].items() if "any_bone" in s]
+    if rows:
+        lines.append(f"{'any bone':<12}{'on bone mean/median':<22}{'chance mean':<13}{'sites >50 %':>12}{'pointing':>9}")
+        for st, a in rows:
+            lines.append(f"{st:<12}{f(a['cam_on_bone']['mean'])} / {f(a['cam_on_bone']['median']):<13}"
+                         f"{f(a['chance']['mean']):<13}{f(a['share_of_sites_with_most_mass_on_bone']):>12}"
+                         f"{f(a['pointing_hit_rate']):>9}")
+        lines.append("any bone: the same against every bone in the crop (femur, pelvis, vertebrae with their "
+                     "posterior elements), the phantom's whole-bone mask")
     return "\n".join(lines)
 
 

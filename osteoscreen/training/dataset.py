@@ -11,6 +11,7 @@ routing rules when absent, and `study_instance_uid`, which keeps a study's image
 from __future__ import annotations
 
 import csv
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from ..pipeline.covariates import read_covariates
 from ..pipeline.crops import square_crop, site_type
 from ..pipeline.dicom_io import UnreadablePixels, load_radiograph
 from ..pipeline.localize import locate_sites
-from ..pipeline.screen import EXPECTED_SITES, MIN_LOCALISATION_CONFIDENCE, patient_left_on_image_right
+from ..pipeline.screen import (EXPECTED_SITES, MIN_LOCALISATION_CONFIDENCE, header_laterality,
+                               patient_left_on_image_right)
 
 
 # T-score outputs after the site's own: DXA sub-regions, with the manifest column suffix that holds them.
@@ -92,7 +94,8 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
     if not truth:
         return [], None
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, region, view,
-                                                     patient_left_on_image_right=patient_left_on_image_right(ds))}
+                                                     patient_left_on_image_right=patient_left_on_image_right(ds),
+                                                     image_laterality=header_laterality(ds))}
     cov = read_covariates(ds).vector()
     group = row.get("study_instance_uid") or str(ds.get("StudyInstanceUID", path))
     out, missed = [], []
@@ -107,6 +110,11 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
         out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site, regions,
                     implant))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
+
+
+def _worker_init() -> None:
+    import torch
+    torch.set_num_threads(1)  # two workers on two cores; more threads only contend
 
 
 def _float(text) -> float:
@@ -125,7 +133,10 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
             raise ValueError(f"{manifest} must be a CSV with a 'path' column")
         jobs += [(row, manifest.resolve().parent) for row in rows]
     collected, problems = [], []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: the learned localiser runs torch in the workers, and a fork of a process
+    # whose torch thread pool has started deadlocks (as a second extraction after training did).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as pool:
         for samples, problem in tqdm(pool.map(_samples_from_row, jobs, chunksize=4), total=len(jobs),
                                      desc="extracting site crops", disable=not progress):
             collected.extend(samples)

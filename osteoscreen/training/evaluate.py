@@ -11,6 +11,7 @@ of the AUC difference per class and a paired-t interval for the difference in T-
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import math
 from pathlib import Path
 
@@ -166,6 +167,12 @@ def read_predictions(path: Path) -> dict:
     for col in ("true_class", "predicted_class"):
         if col not in rows[0]:
             raise ValueError(f"{path} lacks the column {col!r}")
+    declined = []
+    if "assessable" in rows[0]:  # `osteoscreen score` output: refused sites carry a reason, not a class
+        declined = [r for r in rows if r["assessable"].strip() in ("0", "false", "False")]
+        rows = [r for r in rows if r not in declined]
+        if not rows:
+            raise ValueError(f"{path} has no assessable rows")
     out = {"true_class": [r["true_class"].strip() for r in rows],
            "predicted_class": [r["predicted_class"].strip() for r in rows]}
     if all(c in rows[0] for c in KEY_COLUMNS):
@@ -179,6 +186,12 @@ def read_predictions(path: Path) -> dict:
         out["probs"] = np.stack([floats(c) for c in pcols], axis=1)
     if "true_t_score" in rows[0] and "predicted_t_score" in rows[0]:
         out["true_t"], out["predicted_t"] = floats("true_t_score"), floats("predicted_t_score")
+    for region in ("femoral_neck",):
+        if f"true_{region}_t_score" in rows[0] and f"predicted_{region}_t_score" in rows[0]:
+            out.setdefault("regions", {})[region] = (floats(f"true_{region}_t_score"), floats(f"predicted_{region}_t_score"))
+    if "assessable" in (declined[0] if declined else rows[0]):
+        out["not_assessable"] = {"n": len(declined),
+                                 "reasons": dict(sorted(Counter(r.get("reason", "").strip() for r in declined).items()))}
     return out
 
 
@@ -186,6 +199,14 @@ def evaluate_csv(path: Path, plots: Path | None = None) -> dict:
     data = read_predictions(path)
     report = evaluate_arrays(data["true_class"], data["predicted_class"], data.get("probs"),
                              data.get("true_t"), data.get("predicted_t"))
+    if "not_assessable" in data:
+        report["not_assessable"] = data["not_assessable"]
+    for region, (true, pred) in data.get("regions", {}).items():
+        known = ~np.isnan(true) & ~np.isnan(pred)
+        if known.sum() >= 3:
+            report.setdefault("regions", {})[region] = {
+                "n": int(known.sum()), "mae": float(np.abs(pred[known] - true[known]).mean()),
+                "pearson_r": float(np.corrcoef(true[known], pred[known])[0, 1])}
     if plots is not None:
         report["plots"] = write_plots(data, plots)
     return report
@@ -398,4 +419,10 @@ def format_report(report: dict) -> str:
         ba = t["bland_altman"]
         lines.append(f"T-score: MAE {t['mae']:.3f}, r {t['pearson_r'] if t['pearson_r'] is None else round(t['pearson_r'], 3)}, "
                      f"Bland-Altman bias {ba['mean_difference']:+.3f} (LoA {ba['loa_lower']:+.2f} to {ba['loa_upper']:+.2f})")
+    for region, r in report.get("regions", {}).items():
+        lines.append(f"{region.replace('_', ' ')} T-score: n {r['n']}, MAE {r['mae']:.3f}, r {r['pearson_r']:.3f}")
+    if "not_assessable" in report:
+        na = report["not_assessable"]
+        reasons = ", ".join(f"{k} {v}" for k, v in na["reasons"].items()) or "none"
+        lines.append(f"not assessable (left out above): {na['n']} ({reasons})")
     return "\n".join(lines)
