@@ -99,15 +99,16 @@ def cmd_train(args) -> int:
 
 def cmd_score(args) -> int:
     from .model.inference import LoadedModel
-    from .training.score import score_manifest
+    from .training.score import score_manifests
     settings = load(args.config or None, {"model_path": args.model, "device": args.device})
-    if not Path(args.manifest).is_file():
-        raise UsageError(f"no such manifest: {args.manifest}")
+    missing = [m for m in args.manifest if not Path(m).is_file()]
+    if missing:
+        raise UsageError(f"no such manifest: {', '.join(missing)}")
     model = LoadedModel(settings.model_path, settings.device, settings.model_threads)
     try:
-        summary = score_manifest(Path(args.manifest), model, Path(args.out), progress=not args.quiet)
+        summary = score_manifests([Path(m) for m in args.manifest], model, Path(args.out), progress=not args.quiet)
     except (ValueError, KeyError) as exc:
-        raise UsageError(f"{args.manifest}: {exc}") from None
+        raise UsageError(str(exc)) from None
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="run the node's pipeline over a manifest; one CSV row per study site "
                        "(for `evaluate`), gates and view fusion included")
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--manifest", required=True, action="append", help="CSV of DICOM paths and truth (repeatable)")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from osteoscreen.pipeline import localize, localize_net
@@ -244,21 +243,13 @@ def test_atlas_fallback_when_the_net_is_unsure(monkeypatch):
 
 
 @needs_weights
-def test_learned_is_deterministic_fast_and_small():
+def test_learned_is_deterministic_and_small():
     image = make_study("lumbar", np.random.default_rng(60_006), views=("ap",))[0]
     pixels, spacing = bone_bright(image.dataset)
     first = locate_sites_learned(pixels, spacing, "lumbar", "ap")
     localize_net._load.cache_clear()  # a fresh load gives the same answer
     assert locate_sites_learned(pixels, spacing, "lumbar", "ap") == first
-    x, _ = localize_net.prepare(pixels, spacing)
-    model = localize_net.loaded()
-    localize_net.predict(model, x)
-    start = time.perf_counter()
-    for _ in range(5):
-        localize_net.predict(model, x)
-    ms = 1000 * (time.perf_counter() - start) / 5
-    print(f"learned localiser: {ms:.1f} ms per image at the coarse size ({torch.get_num_threads()} threads)")
-    assert ms < 200  # about 8 ms on an idle 2-core machine; loose for a busy one
+    model = localize_net.loaded()  # speed is measured in benchmarks/bench_pelvis.py, not asserted here
     assert localize_net.WEIGHTS_PATH.stat().st_size < 2_000_000
     info = model.info
     assert info["recipe"]["seed"] == 0 and "validation" in info["metrics"]

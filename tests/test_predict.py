@@ -31,8 +31,10 @@ def test_json_contract_and_written_objects(tmp_path, capsys):
     assert set(pelvis) >= {"file", "sop_instance_uid", "assessable", "reason", "sites"}
     assert sorted(s["site"] for s in pelvis["sites"]) == ["left_hip", "right_hip"]
     for s in pelvis["sites"]:
-        assert set(s) == SITE_KEYS and s["assessable"] and s["class"] in ("normal", "osteopenia", "osteoporosis")
+        # the DESIGN.md contract keys, extended compatibly with the DXA regions of a hip
+        assert set(s) == SITE_KEYS | {"regions"} and s["assessable"] and s["class"] in ("normal", "osteopenia", "osteoporosis")
         assert set(s["probabilities"]) == {"normal", "osteopenia", "osteoporosis"}
+        assert set(s["regions"]) == {"total_hip", "femoral_neck"} and s["regions"]["total_hip"] == s["t_score"]
     assert thorax["assessable"] is False and thorax["reason"] == "not_screening_image" and thorax["sites"] == []
     written = sorted((tmp_path / "out").glob("*.dcm"))
     assert [p.name.split(".", 1)[1] for p in written] == ["heatmap.dcm", "sr.dcm"]

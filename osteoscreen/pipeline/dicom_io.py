@@ -22,6 +22,10 @@ class UnreadablePixels(ValueError):
     """The pixel data is absent, truncated or in a form we cannot decode."""
 
 
+class BlankImage(UnreadablePixels):
+    """Decodable, but one value everywhere: nothing a radiograph of anything would show."""
+
+
 @dataclass
 class Radiograph:
     pixels: np.ndarray  # float32 in [0, 1], bone bright, working grid
@@ -64,7 +68,7 @@ def display_values(ds: Dataset) -> np.ndarray:
         values = apply_voi_lut(values, ds, index=0).astype(np.float32)
     lo, hi = np.percentile(values[::4, ::4], [0.1, 99.9])  # a sparse sample is enough and 16x cheaper
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
-        raise UnreadablePixels("pixel data has no contrast")
+        raise BlankImage("pixel data has no contrast")
     values = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         values = 1.0 - values

@@ -309,6 +309,19 @@ def _check_laterality(found: list[SiteLocation], region: str, image_laterality: 
     return found
 
 
+def usable_image(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str) -> np.ndarray | None:
+    """The image as float32 when a site of region/view could be found in it at all (supported view,
+    2-D, finite, positive spacing, large enough to hold a site), else None. Both localisers start here."""
+    if (region, view) not in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
+        return None
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2 or min(spacing_mm) <= 0 or not np.isfinite(img).all():
+        return None
+    if min(n * s for n, s in zip(img.shape, spacing_mm)) < MIN_EXTENT_MM:
+        return None
+    return img
+
+
 def locate_sites_atlas(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str,
                        *, patient_left_on_image_right: bool = True) -> list[SiteLocation]:
     """The classical localiser alone (method "atlas"): boxes (source pixels, exclusive ends) and
@@ -317,12 +330,8 @@ def locate_sites_atlas(image: np.ndarray, spacing_mm: tuple[float, float], regio
     `image` is bone-bright with any offset and scale, `spacing_mm` its (row, col) pixel size. An
     unsupported region/view or an unusable image gives an empty list; anatomy that is not there
     gives low confidence."""
-    if (region, view) not in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
-        return []
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 2 or min(spacing_mm) <= 0 or not np.isfinite(img).all():
-        return []
-    if min(n * s for n, s in zip(img.shape, spacing_mm)) < MIN_EXTENT_MM:
+    img = usable_image(image, spacing_mm, region, view)
+    if img is None:
         return []
     work = _normalise(_resample(img, spacing_mm, WORK_MM), WORK_MM)
     to_source = np.array([img.shape[0] / work.shape[0], img.shape[1] / work.shape[1]])

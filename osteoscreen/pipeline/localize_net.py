@@ -76,7 +76,6 @@ PIXEL_MM = 4.0
 CANVAS = 128
 CHANNELS = ("femur_gt_left", "femur_gt_right", "lumbar_ap", "lumbar_lat")
 WIDTHS = (8, 16, 32, 48, 64)
-MIN_EXTENT_MM = 80.0  # smaller images cannot hold a site
 THRESHOLD = 0.5
 SIZE_SLACK, SIZE_ZERO = 1.25, 1.7  # size factor: 1 within the training range x slack, 0 beyond x zero
 PAIR_MAX_TILT = 0.3  # femur pair: row difference over column distance (about 17 degrees)
@@ -310,12 +309,9 @@ def locate_sites_learned(image: np.ndarray, spacing_mm: tuple[float, float], reg
     model = loaded()
     if model is None:
         return None
-    if (region, view) not in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
-        return []
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 2 or min(spacing_mm) <= 0 or not np.isfinite(img).all():
-        return []
-    if min(n * s for n, s in zip(img.shape, spacing_mm)) < MIN_EXTENT_MM:
+    from .localize import usable_image  # shared with the atlas localiser
+    img = usable_image(image, spacing_mm, region, view)
+    if img is None:
         return []
     x, geo = prepare(img, spacing_mm)
     prob = predict(model, x)

@@ -24,7 +24,7 @@ from ..findings import (CLASSES, REASON_IMPLANT, REASON_LOW_LOCALISATION_CONFIDE
 from ..model.inference import LoadedModel
 from .covariates import read_covariates
 from .crops import normalise, paste_map, site_type, square_crop
-from .dicom_io import UnreadablePixels, load_radiograph, resample
+from .dicom_io import BlankImage, UnreadablePixels, load_radiograph, resample
 from .localize import locate_sites
 from .quality import MetalDetector, anatomy_present
 
@@ -202,9 +202,10 @@ def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = 
             continue
         try:
             rad = load_radiograph(ds)
-        except UnreadablePixels:
-            result.assessable, result.reason = False, REASON_UNREADABLE_PIXELS
-            result.sites = [_not_assessable(ds, s, REASON_UNREADABLE_PIXELS) for s in sites]
+        except UnreadablePixels as exc:
+            reason = REASON_NOT_SCREENING_IMAGE if isinstance(exc, BlankImage) else REASON_UNREADABLE_PIXELS
+            result.assessable, result.reason = False, reason
+            result.sites = [_not_assessable(ds, s, reason) for s in sites]
             continue
         if heatmaps:
             factor = min(1.0, DISPLAY_MAX_SIDE / max(rad.pixels.shape))

@@ -114,7 +114,8 @@ features to the training crops of the same site type{' (thresholds ' + ', '.join
 - Site crops: {trained['n_train']} for training, {trained['n_val']} for validation (split by study, seed {cfg['seed']})
 - Images the localiser could not use: {trained['extraction_problems']}
 - Epochs {cfg['epochs']}, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, one-cycle schedule; augmentation:
-  gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise; covariates set to
+  vendor processing (monotone LUT incl. S-curves, dynamic-range compression, edge enhancement, blur,
+  grid-line residue), gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise; covariates set to
   "missing" at random ({cfg.get('covariate_dropout', 0)} each) so that absent header values are handled.
 
 ## Results on synthetic phantoms

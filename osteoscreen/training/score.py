@@ -77,10 +77,11 @@ def _row(group: str, site: str, rows: list[dict], findings: list[SiteFinding], v
     return out
 
 
-def score_manifest(manifest: Path, model: LoadedModel, out: Path, progress: bool = True) -> dict:
-    """Screen every study of `manifest`, write `out` (CSV, COLUMNS) and return a summary."""
+def score_manifests(manifests: list[Path], model: LoadedModel, out: Path, progress: bool = True) -> dict:
+    """Screen every study of the manifests, write `out` (CSV, COLUMNS) and return a summary."""
     written = []
-    for rows in tqdm(_studies(manifest), desc="scoring studies", unit="study", disable=not progress):
+    studies = [study for manifest in manifests for study in _studies(manifest)]
+    for rows in tqdm(studies, desc="scoring studies", unit="study", disable=not progress):
         images, views = [], {}
         for row in rows:
             ds = dcmread(row["path"])
