@@ -50,7 +50,7 @@ from pydicom.encaps import generate_fragmented_frames  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless  # noqa: E402
 
-from osteoscreen.config import DEFAULT_MODEL  # noqa: E402
+from osteoscreen.config import Settings, DEFAULT_MODEL  # noqa: E402
 from osteoscreen.model.inference import LoadedModel  # noqa: E402
 from osteoscreen.pipeline import localize  # noqa: E402
 from osteoscreen.pipeline.covariates import read_covariates  # noqa: E402
@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    p.add_argument("--torch-threads", type=int, default=Settings().model_threads,
+                   help="torch.set_num_threads (default: the node's model_threads setting)")
     p.add_argument("--json", help="also write the full report here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

@@ -51,4 +51,6 @@ rm -rf "models/$NAME-plots" && cp -r "$B/model/plots" "models/$NAME-plots"
 cp "$B/model/metrics.json" "models/$NAME-metrics.json"
 cp "$B/model/node_holdout_report.json" "models/$NAME-node-holdout.json"
 cp "$B/model/node_profile_report.json" "models/$NAME-node-profile.json"
+.venv/bin/python -m osteoscreen.training.cam_check --model "models/$NAME.pt" --studies 20 --quiet --json > "models/$NAME-gradcam.json"
+.venv/bin/python -m osteoscreen.training.cam_check --model "models/$NAME.pt" --studies 20 --quiet  # the table behind the card's Grad-CAM section
 echo "wrote models/$NAME.pt and models/$NAME.md"

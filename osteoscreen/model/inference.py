@@ -124,15 +124,21 @@ class LoadedModel:
         cov = torch.from_numpy(np.asarray(covariates, dtype=np.float32)).to(self.device)
         st = torch.from_numpy(np.asarray(site_types, dtype=np.int64)).to(self.device)
         with torch.no_grad():
-            fmap = self.net.features(x)
-        fmap = fmap.detach().requires_grad_(True)
+            early = self.net.early_features(x)
+        early = early.detach().requires_grad_(True)
+        fmap = self.net.stage3(early)
         logits, t_norm, implant = self.net.heads(fmap, cov, st)
         predicted = logits.argmax(dim=1)
         score = logits.gather(1, predicted[:, None]).sum()
-        (grads,) = torch.autograd.grad(score, fmap)
+        grads, grads8 = torch.autograd.grad(score, [early, fmap])
         with torch.no_grad():
-            weights = grads.mean(dim=(2, 3), keepdim=True)
-            cam = torch.relu((weights * fmap).sum(dim=1, keepdim=True))
+            cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * early).sum(dim=1, keepdim=True))
+            # where the 16×16 map is empty (every location's evidence negative), the 8×8 one speaks
+            cam8 = torch.relu((grads8.mean(dim=(2, 3), keepdim=True) * fmap).sum(dim=1, keepdim=True))
+            empty = cam.flatten(1).amax(dim=1) <= 0
+            if empty.any():
+                cam[empty] = torch.nn.functional.interpolate(cam8[empty], size=cam.shape[-2:], mode="bilinear",
+                                                             align_corners=False)
             cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-8)
             cam = cam / peak[:, None, None]

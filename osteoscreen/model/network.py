@@ -8,8 +8,10 @@
   one per DXA sub-region the site reports (for hips the femoral neck; the site value is the total
   hip). A checkpoint's `arch["n_t_outputs"]` says how many. With `arch["implant_head"]` a third
   head gives the logit that metal lies in the crop (a quality gate learned from labelled crops).
-The network is split into `features` and `head` so that Grad-CAM needs gradients only from the
-class score down to the last feature map: the backbone runs once, without autograd.
+The network is split so that Grad-CAM needs gradients only from the class score down to the 16×16
+map after the non-local block (`early_features`): the layers before it run once, without autograd.
+That map localises better than the last, 8×8 one (on phantoms the share of CAM mass on bone rose
+from 0.38 to 0.50 for lumbar AP views, 0.68 to 0.75 for hips; training/cam_check.py).
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class OsteoNet(nn.Module):
         self.stage1 = ResidualBlock(w0, w1, 2)  # 32
         self.stage2 = ResidualBlock(w1, w2, 2)  # 16
         self.context = NonLocalBlock(w2)
-        self.stage3 = ResidualBlock(w2, w3, 2)  # 8: the Grad-CAM layer
+        self.stage3 = ResidualBlock(w2, w3, 2)  # 8
         self.n_site_types = n_site_types
         joint = w3 + n_covariates + n_site_types
         self.trunk = nn.Sequential(nn.Linear(joint, 64), nn.ReLU(), nn.Dropout(0.2))
@@ -74,8 +76,12 @@ class OsteoNet(nn.Module):
         self.regressor = nn.Linear(64, n_t_outputs)
         self.implant = nn.Linear(64, 1) if implant_head else None
 
+    def early_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 16×16 map after the non-local block: the Grad-CAM layer."""
+        return self.context(self.stage2(self.stage1(self.stem(x))))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage3(self.context(self.stage2(self.stage1(self.stem(x)))))
+        return self.stage3(self.early_features(x))
 
     def _joint(self, fmap, covariates, site_type):
         pooled = fmap.mean(dim=(2, 3))

@@ -106,7 +106,7 @@ OsteoNet: residual CNN (widths {ckpt['arch']['widths']}) with a non-local (self-
 covariates joined after pooling, a 3-class head and a T-score head (outputs: site{''.join(', ' + r for r in ckpt.get('t_outputs', []))});
 temperature-scaled probabilities (T = {ckpt['temperature']:.3f}); test-time augmentation
 {f'on ({len(TTA_VIEWS)} views, logits averaged)' if ckpt.get('tta') else 'off'};
-Grad-CAM on the last feature map. Out-of-distribution gate: Mahalanobis distance of the pooled
+Grad-CAM on the 16 × 16 map after the non-local block. Out-of-distribution gate: Mahalanobis distance of the pooled
 features to the training crops of the same site type{' (thresholds ' + ', '.join(f"{v['threshold']:.1f}" for v in ckpt.get('ood', {}).values()) + ')' if ckpt.get('ood') else ' (not fitted)'}.
 
 ## Training data
