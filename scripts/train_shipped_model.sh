@@ -52,5 +52,9 @@ cp "$B/model/metrics.json" "models/$NAME-metrics.json"
 cp "$B/model/node_holdout_report.json" "models/$NAME-node-holdout.json"
 cp "$B/model/node_profile_report.json" "models/$NAME-node-profile.json"
 .venv/bin/python -m osteoscreen.training.cam_check --model "models/$NAME.pt" --studies 20 --quiet --json > "models/$NAME-gradcam.json"
-.venv/bin/python -m osteoscreen.training.cam_check --model "models/$NAME.pt" --studies 20 --quiet  # the table behind the card's Grad-CAM section
+{
+  printf '\n## Where Grad-CAM looks (phantom bone masks; full report in `models/%s-gradcam.json`)\n```\n' "$NAME"
+  .venv/bin/python -m osteoscreen.training.cam_check --model "models/$NAME.pt" --studies 20 --quiet
+  printf '```\n'
+} >> "models/$NAME.md"
 echo "wrote models/$NAME.pt and models/$NAME.md"
