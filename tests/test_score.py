@@ -56,6 +56,17 @@ def test_score_then_evaluate(tmp_path, capsys):
     assert "femoral_neck" in report["regions"] and report["regions"]["femoral_neck"]["n"] >= 4
 
 
+def test_evaluate_when_every_site_was_refused(tmp_path, capsys):
+    pred = tmp_path / "p.csv"
+    pred.write_text("group,site,assessable,reason,true_class,predicted_class\n"
+                    "s1,left_hip,0,metal_implant,normal,\ns1,right_hip,0,out_of_distribution,osteopenia,\n")
+    assert main(["evaluate", str(pred), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 0 and report["not_assessable"] == {"n": 2, "reasons": {"metal_implant": 1, "out_of_distribution": 1}}
+    assert main(["evaluate", str(pred)]) == 0
+    assert "nothing assessable: 2 site(s) refused" in capsys.readouterr().out
+
+
 def test_score_bad_manifest_is_usage_error(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("file,t\nx,1\n")

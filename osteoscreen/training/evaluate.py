@@ -171,8 +171,9 @@ def read_predictions(path: Path) -> dict:
     if "assessable" in rows[0]:  # `osteoscreen score` output: refused sites carry a reason, not a class
         declined = [r for r in rows if r["assessable"].strip() in ("0", "false", "False")]
         rows = [r for r in rows if r not in declined]
-        if not rows:
-            raise ValueError(f"{path} has no assessable rows")
+    if not rows:  # every site refused: a result in itself, reported as such
+        return {"true_class": [], "predicted_class": [], "not_assessable": {
+            "n": len(declined), "reasons": dict(sorted(Counter(r.get("reason", "").strip() for r in declined).items()))}}
     out = {"true_class": [r["true_class"].strip() for r in rows],
            "predicted_class": [r["predicted_class"].strip() for r in rows]}
     if all(c in rows[0] for c in KEY_COLUMNS):
@@ -197,6 +198,10 @@ def read_predictions(path: Path) -> dict:
 
 def evaluate_csv(path: Path, plots: Path | None = None) -> dict:
     data = read_predictions(path)
+    if not data["true_class"]:
+        return {"n": 0, "accuracy": None, "classes": {}, "confusion_matrix": {"labels": list(CLASSES),
+                "rows_true_cols_predicted": [[0] * len(CLASSES) for _ in CLASSES]},
+                "not_assessable": data["not_assessable"]}
     report = evaluate_arrays(data["true_class"], data["predicted_class"], data.get("probs"),
                              data.get("true_t"), data.get("predicted_t"))
     if "not_assessable" in data:
@@ -401,6 +406,10 @@ def format_report(report: dict) -> str:
         return "  n/a" if v is None else f"{100 * v:5.1f}"
 
     lines = [f"n = {report['n']}   accuracy = {pct(report['accuracy'])} %"]
+    if report["n"] == 0:
+        na = report.get("not_assessable", {"n": 0, "reasons": {}})
+        return "\n".join(lines + [f"nothing assessable: {na['n']} site(s) refused ("
+                                   + (", ".join(f"{k} {v}" for k, v in na["reasons"].items()) or "none") + ")"])
     lines.append(f"{'class':<13}{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'AUC':>8}  AUC 95% CI")
     for label, c in report["classes"].items():
         ci = c.get("auc_ci")
