@@ -344,3 +344,23 @@ def test_reports_import_only_findings():
             "and not m.startswith(('osteoscreen.reports', 'osteoscreen.findings'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _texts(item) -> list[str]:
+    out = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        out += _texts(child)
+    return out
+
+
+def test_summary_says_when_views_were_fused():
+    ap, lat = make_dx(), make_dx()
+    lat.StudyInstanceUID = ap.StudyInstanceUID
+    probs = {"normal": 0.1, "osteopenia": 0.3, "osteoporosis": 0.6}
+    fused = [SiteFinding("lumbar_spine", str(ds.SOPInstanceUID), str(ds.SOPClassUID), True, "osteoporosis", probs,
+                         -2.8, fused_with=[str(other.SOPInstanceUID)]) for ds, other in ((ap, lat), (lat, ap))]
+    texts = " ".join(_texts(build_sr([ap, lat], fused, MODEL)))
+    assert "Worst site: lumbar spine, osteoporosis, estimated T-score -2.8." in texts
+    assert "several views (AP and lateral) combined" in texts
+    single = [SiteFinding("lumbar_spine", str(ap.SOPInstanceUID), str(ap.SOPClassUID), True, "osteoporosis", probs, -2.8)]
+    assert "several views" not in " ".join(_texts(build_sr([ap], single, MODEL)))

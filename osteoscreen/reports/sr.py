@@ -154,7 +154,9 @@ def study_summary(findings: list[SiteFinding]) -> str:
     if worst is None:
         return "No site could be assessed."
     t_score = "" if worst.t_score is None else f", estimated T-score {worst.t_score:+.1f}"
-    return f"Worst site: {site_label(worst.site)}, {worst.category}{t_score}."
+    fused = sorted({site_label(f.site) for f in findings if f.assessable and f.fused_with})
+    views = f" {', '.join(fused)}: one estimate from several views (AP and lateral) combined." if fused else ""
+    return f"Worst site: {site_label(worst.site)}, {worst.category}{t_score}.{views}"
 
 
 def _study_evaluations(findings: list[SiteFinding], model: ModelInfo) -> ContainerContentItem:
