@@ -129,3 +129,18 @@ def test_out_of_distribution_gate_refuses_far_crops(tmp_path, model):
     assert all(s.box is not None and s.t_score is None for s in result.sites)
     # and the same image passes the shipped model's own gate
     assert screen_image(image.dataset, "hip", "ap", model).assessable
+
+
+def test_metal_detector_finds_a_thick_plateau_that_drops_steeply():
+    """The classical check in isolation: a stem-like plateau far above the bone around it is metal;
+    the same shape only a little brighter than its surroundings (clipped bone) is not."""
+    rng = np.random.default_rng(4901)
+    image = 0.3 + 0.05 * rng.standard_normal((400, 400))
+    image[100:300, 150:250] += 0.2  # bone
+    metal = image.copy()
+    metal[120:280, 185:215] = 1.0  # a 15 mm wide stem at 0.5 mm pixels, saturated
+    box = (100, 150, 300, 250)
+    assert MetalDetector(metal, 0.5).area_mm2(box) > 500
+    clipped = image.copy()
+    clipped[120:280, 185:215] = np.clip(clipped[120:280, 185:215], None, 0.52)  # bone the window clipped
+    assert MetalDetector(clipped, 0.5).area_mm2(box) == 0.0

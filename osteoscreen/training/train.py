@@ -318,16 +318,16 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
 def _report(net, s: Samples, device, scoring: dict, out: Path, name: str) -> dict:
     """Metrics, predictions CSV and plots for one evaluation set, scored as the node scores. Crops
     with metal test the implant head; the rest everything else."""
+    logits, t_norm, emb, implant_logit = predict_logits(net, s, device, tta=scoring["tta"])  # once, all crops
     implant_report = None
     if s.implants.any() and net.implant is not None:
-        _, _, _, implant_logit = predict_logits(net, s, device)
         flagged = (torch.sigmoid(implant_logit).numpy() > 0.5).astype(int)
         tp, fn = int(((flagged == 1) & (s.implants == 1)).sum()), int(((flagged == 0) & (s.implants == 1)).sum())
         fp, tn = int(((flagged == 1) & (s.implants == 0)).sum()), int(((flagged == 0) & (s.implants == 0)).sum())
         implant_report = {"n_with_metal": tp + fn, "n_without": fp + tn, "sensitivity": tp / max(1, tp + fn),
                           "specificity": tn / max(1, tn + fp)}
-    s = s.subset(np.where(s.implants == 0)[0])
-    logits, t_norm, emb, _ = predict_logits(net, s, device, tta=scoring["tta"])
+    clean = np.where(s.implants == 0)[0]
+    s, logits, t_norm, emb = s.subset(clean), logits[clean], t_norm[clean], emb[clean]
     probs = torch.softmax(logits / scoring["temperature"], 1).numpy()
     t_all = (t_norm.numpy() * scoring["t_std"] + scoring["t_mean"]).astype(float)
     pred_t = t_all[:, 0]
