@@ -56,7 +56,8 @@ def cmd_synth(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
     manifest = synthesize(args.kind, args.count, Path(args.out), seed=args.seed, views=views,
                           transfer_syntax=args.transfer_syntax, progress=not args.quiet, profiles=profiles,
-                          implant_rate=args.implant_rate, foreign_body_rate=args.foreign_body_rate)
+                          implant_rate=args.implant_rate, foreign_body_rate=args.foreign_body_rate,
+                          bone_masks=args.bone_masks)
     print(manifest)
     return 0
 
@@ -82,8 +83,10 @@ def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, val_fraction=args.val_fraction, version=args.version,
-                      tta=not args.no_tta,
+                      tta=not args.no_tta, cam_guidance=args.cam_guidance,
                       **({} if args.t_loss_weight is None else {"t_loss_weight": args.t_loss_weight}))
+    if args.cam_guidance < 0:
+        raise UsageError("--cam-guidance must be >= 0")
     holdout: dict[str, list[Path]] = {}
     for spec in args.holdout or []:  # NAME=CSV names a hold-out set; plain CSVs form the set "holdout"
         name, _, path = spec.rpartition("=") if "=" in spec else ("holdout", "", spec)
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "profiles; name the held-out one to measure domain shift)")
     p.add_argument("--implant-rate", type=float, default=0.0, help="chance of metal at each site (0-1)")
     p.add_argument("--foreign-body-rate", type=float, default=0.0, help="chance of foreign bodies per image (0-1)")
+    p.add_argument("--bone-masks", action="store_true",
+                   help="also write each image's whole-bone mask (<image>_bone.png, manifest column bone_mask)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -200,11 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--cam-guidance", type=float, default=0.0,
+                   help="weight of a penalty on Grad-CAM mass off bone, for crops whose manifest row names a "
+                   "bone_mask (synth --bone-masks; 0: off)")
     p.add_argument("--t-loss-weight", type=float, help="weight of the T-score loss against the class loss "
                    "(default: TrainConfig's)")
     p.add_argument("--no-tta", action="store_true", help="score without test-time augmentation")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--version", default="0.2.0")
+    p.add_argument("--version", default="0.3.0")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

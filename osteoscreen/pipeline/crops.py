@@ -65,8 +65,23 @@ def normalise(pixels: np.ndarray, jitter: float = 0.0, rng: np.random.Generator 
     return np.clip((pixels - mu) / ((2.0 + eps) * sigma), -1.0, 1.0).astype(np.float32)
 
 
-def paste_map(cam: np.ndarray, crop: Crop, shape: tuple[int, int]) -> np.ndarray:
-    """Put a crop-sized map back onto the working grid (the inverse of square_crop)."""
+def edge_taper(size: int, feather: float) -> np.ndarray:
+    """size×size weights: 1 inside, falling to 0 along a raised cosine over the outer `feather`
+    share of each side (0: all ones)."""
+    n = int(round(size * feather))
+    ramp = np.ones(size, dtype=np.float32)
+    if n > 0:
+        edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(n, dtype=np.float32) + 0.5) / n)
+        ramp[:n], ramp[size - n:] = edge, edge[::-1]
+    return np.outer(ramp, ramp)
+
+
+def paste_map(cam: np.ndarray, crop: Crop, shape: tuple[int, int], feather: float = 0.0) -> np.ndarray:
+    """Put a crop-sized map back onto the working grid (the inverse of square_crop). `feather`
+    fades the map out towards the crop's border (`edge_taper`), so that a display shows no hard
+    square where the crop ends."""
+    if feather:
+        cam = cam * edge_taper(cam.shape[0], feather)
     cam = cam[:, ::-1] if crop.mirrored else cam
     side = int(round(crop.side))
     big = resample(np.ascontiguousarray(cam, dtype=np.float32), side / cam.shape[0])[:side, :side]

@@ -31,6 +31,7 @@ from .quality import MetalDetector, anatomy_present
 MIN_LOCALISATION_CONFIDENCE = 0.5
 IMPLANT_PROBABILITY_LIMIT = 0.5  # the model's implant head (trained on labelled crops)
 DISPLAY_MAX_SIDE = 1024
+HEATMAP_FEATHER = 0.12  # the heatmap fades out over this outer share of each crop (no hard square edges)
 EXPECTED_SITES = {"hip": ("right_hip", "left_hip"), "lumbar": ("lumbar_spine",)}
 # Names of the model's sub-region outputs → the DXA region they estimate, per site; the site's own
 # estimate is the first region named here.
@@ -121,7 +122,7 @@ def _refuse(finding: SiteFinding, reason: str) -> None:
     finding.category = finding.probabilities = finding.t_score = finding.regions = None
 
 
-def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool) -> dict[int, np.ndarray]:
+def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool, feather: float) -> dict[int, np.ndarray]:
     """One batched model call; fills the findings, refuses out-of-distribution crops; returns each
     pending site's logits-space evidence (log-probabilities) for fusion, by finding id."""
     pred = model.predict(np.stack([normalise(p.crop.pixels) for p in pending]),
@@ -148,7 +149,7 @@ def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool) -> dict[
             p.finding.regions.update({r: float(v[i]) for r, v in pred.region_t_scores.items() if r in names})
         evidence[id(p.finding)] = np.log(np.clip(probs, 1e-6, 1.0))
         if heatmaps:
-            p.result.heatmap = np.maximum(p.result.heatmap, paste_map(pred.cams[i], p.crop, p.shape))
+            p.result.heatmap = np.maximum(p.result.heatmap, paste_map(pred.cams[i], p.crop, p.shape, feather))
     return evidence
 
 
@@ -187,7 +188,10 @@ def _finish(result: ImageResult) -> None:
             :result.display.shape[0], :result.display.shape[1]]
 
 
-def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = True) -> list[ImageResult]:
+def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = True,
+                 feather: float = HEATMAP_FEATHER) -> list[ImageResult]:
+    """feather: the heatmap's fade towards each crop's border (0 keeps the raw Grad-CAM, as
+    training.cam_check measures it)."""
     results: list[ImageResult] = []
     pending: list[_Pending] = []
     for item in images:
@@ -213,13 +217,14 @@ def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = 
             result.display_scale = rad.scale * factor
             result.heatmap = np.zeros(rad.pixels.shape, dtype=np.float32)
         pending += _locate_and_gate(ds, item, rad, result, sites)
-    evidence = _score(pending, model, heatmaps) if pending else {}
+    evidence = _score(pending, model, heatmaps, feather) if pending else {}
     fuse_views(results, evidence)
     for result in results:
         _finish(result)
     return results
 
 
-def screen_image(ds: Dataset, region: str, view: str, model: LoadedModel, heatmaps: bool = True) -> ImageResult:
-    return screen_study([StudyImage(ds, region, view)], model, heatmaps)[0]
+def screen_image(ds: Dataset, region: str, view: str, model: LoadedModel, heatmaps: bool = True,
+                 feather: float = HEATMAP_FEATHER) -> ImageResult:
+    return screen_study([StudyImage(ds, region, view)], model, heatmaps, feather)[0]
 

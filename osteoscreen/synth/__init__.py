@@ -44,6 +44,7 @@ MANIFEST_COLUMNS = [
     # appended later; older consumers ignore them
     "scanner_profile", "left_hip_implant", "right_hip_implant", "lumbar_spine_implant", "foreign_body",
     "lumbar_findings", "left_hip_neck_t_score", "right_hip_neck_t_score", "left_hip_neck_box", "right_hip_neck_box",
+    "bone_mask",
 ]
 
 
@@ -232,11 +233,21 @@ def _manifest_row(image: SynthImage, path: str) -> dict:
     return row
 
 
+def write_mask_png(mask: np.ndarray, path: Path) -> None:
+    """A boolean mask as a 1-bit PNG (a 3000² mask is a few kB)."""
+    from PIL import Image
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(path, optimize=True)
+
+
 def synthesize(kind: str, count: int, out: Path, *, seed: int = 0, views=None,
                transfer_syntax: str = ExplicitVRLittleEndian, progress: bool = True,
                profiles=None, implant_rate: float = 0.0, foreign_body_rate: float = 0.0,
-               lumbar_findings: tuple[str, ...] | None = None) -> Path:
+               lumbar_findings: tuple[str, ...] | None = None, bone_masks: bool = False) -> Path:
     """Write `count` studies under `out` (file names from a counter) and `out/manifest.csv`.
+
+    bone_masks: also write each image's whole-bone mask as `<image>_bone.png` on the image's pixel
+    grid (manifest column `bone_mask`); `osteoscreen train --cam-guidance` uses it. Masks draw
+    nothing from the generator, so the images are the same with or without them.
 
     Study i is drawn from numpy's generator seeded with (seed, i): the same seed gives the same
     pixels, truth and UIDs, and any study can be regenerated on its own. `profiles` (names or
@@ -260,11 +271,15 @@ def synthesize(kind: str, count: int, out: Path, *, seed: int = 0, views=None,
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for i in tqdm(range(count), desc=f"synthesising {kind} studies", unit="study", disable=not progress):
-            images = _make(kind, np.random.default_rng([seed, i]), views, None, i + 1, masks=False,
+            images = _make(kind, np.random.default_rng([seed, i]), views, None, i + 1, masks=bone_masks,
                            profiles=profiles, implant_rate=implant_rate, foreign_body_rate=foreign_body_rate,
                            lumbar_findings=lumbar_findings)
             for image in images:
                 name = f"{kind}_{i + 1:05d}_{image.view}.dcm"
                 write_dataset(image.dataset, out / name, transfer_syntax)
-                writer.writerow(_manifest_row(image, name))
+                row = _manifest_row(image, name)
+                if bone_masks and image.bone_mask is not None:
+                    row["bone_mask"] = name.replace(".dcm", "_bone.png")
+                    write_mask_png(image.bone_mask, out / row["bone_mask"])
+                writer.writerow(row)
     return manifest

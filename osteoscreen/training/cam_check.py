@@ -2,7 +2,8 @@
 
 Phantom studies come from `synth.make_study`, which knows each site's bone (the whole femur for a
 hip, the L1-L4 vertebral bodies for the lumbar spine) on the source grid. Each image goes through
-the real pipeline (`screen_image` with heatmaps on, as the node runs it); the heatmap it returns
+the real pipeline (`screen_image` with heatmaps on, as the node runs it, but without the display's
+fade at the crop border, so that the raw Grad-CAM is measured); the heatmap it returns
 lives on the display grid (`display_scale` display pixels per source pixel), so the mask is brought
 to that grid by area averaging (a soft mask: each display pixel's bone fraction).
 
@@ -159,7 +160,7 @@ def cam_on_bone(model_path: Path | str, n_studies: int = 20, seed: int = 0, prog
         for i in tqdm(range(n_studies), desc=f"CAM on bone, {kind}", unit="study", disable=not progress,
                       file=sys.stderr):
             for image in make_study(kind, np.random.default_rng([seed, k, i]), patient_index=i + 1):
-                result = screen_image(image.dataset, kind, image.view, model, heatmaps=True)
+                result = screen_image(image.dataset, kind, image.view, model, heatmaps=True, feather=0.0)
                 for rec in site_records(image, result):
                     rec["study"] = f"{kind}-{i}"
                     records.append(rec)

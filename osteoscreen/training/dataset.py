@@ -6,7 +6,9 @@ exactly what it will see. The manifest needs `path` and at least one of `left_hi
 `left_hip_neck_t_score` / `right_hip_neck_t_score` (femoral neck, the other DXA hip region; missing is
 fine, that output is then not trained on that crop), `<site>_implant` (1: metal in the site; such
 crops train only the implant head, which the node uses to refuse them), `kind` (hip|lumbar) and `view` (ap|lat), read from the header by the
-routing rules when absent, and `study_instance_uid`, which keeps a study's images in one split.
+routing rules when absent, `study_instance_uid`, which keeps a study's images in one split, and
+`bone_mask`: an image (PNG, any format Pillow reads; non-zero = bone) on the radiograph's pixel grid
+(another size is stretched to it), cropped beside each site for `train --cam-guidance`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..findings import CLASSES, who_category
 from ..node.routing import classify
 from ..pipeline.covariates import read_covariates
 from ..pipeline.crops import square_crop, site_type
-from ..pipeline.dicom_io import UnreadablePixels, load_radiograph
+from ..pipeline.dicom_io import UnreadablePixels, load_radiograph, resample
 from ..pipeline.localize import locate_sites
 from ..pipeline.screen import (EXPECTED_SITES, MIN_LOCALISATION_CONFIDENCE, header_laterality,
                                patient_left_on_image_right)
@@ -47,12 +49,19 @@ class Samples:
     sites: np.ndarray  # N site names
     region_t_scores: np.ndarray | None = None  # N×len(REGION_OUTPUTS), NaN where not known
     implants: np.ndarray | None = None  # N, 1 where metal lies in the site
+    # N×S×S bone fraction per crop pixel (0-255) where the manifest gave a bone mask, else N×1×1 zeros;
+    # has_mask says which rows carry one
+    masks: np.ndarray | None = None
+    has_mask: np.ndarray | None = None
 
     def __post_init__(self):
+        n = len(self.labels)
         if self.region_t_scores is None:
-            self.region_t_scores = np.full((len(self.labels), len(REGION_OUTPUTS)), np.nan, np.float32)
+            self.region_t_scores = np.full((n, len(REGION_OUTPUTS)), np.nan, np.float32)
         if self.implants is None:
-            self.implants = np.zeros(len(self.labels), np.int64)
+            self.implants = np.zeros(n, np.int64)
+        if self.masks is None or self.has_mask is None:
+            self.masks, self.has_mask = np.zeros((n, 1, 1), np.uint8), np.zeros(n, bool)
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, **self.__dict__)
@@ -98,6 +107,10 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
                                                      image_laterality=header_laterality(ds))}
     cov = read_covariates(ds).vector()
     group = row.get("study_instance_uid") or str(ds.get("StudyInstanceUID", path))
+    try:
+        bone = _bone_mask(row, base, rad)
+    except (OSError, ValueError) as exc:
+        return [], f"{path.name}: bone mask: {exc}"
     out, missed = [], []
     for site, t in truth.items():
         loc = located.get(site)
@@ -107,9 +120,28 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
         crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
         regions = [_float(row.get(f"{site}_{REGION_COLUMNS[r]}")) for r in REGION_OUTPUTS]
         implant = int((row.get(f"{site}_implant") or "0").strip() not in ("", "0"))
+        mask = (None if bone is None else
+                np.round(square_crop(bone, loc.box, mirrored=(site == "left_hip")).pixels * 255).astype(np.uint8))
         out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site, regions,
-                    implant))
+                    implant, mask))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
+
+
+def _bone_mask(row: dict, base: Path, rad) -> np.ndarray | None:
+    """The row's bone mask on the working grid as a bone fraction per pixel, or None."""
+    name = (row.get("bone_mask") or "").strip()
+    if not name:
+        return None
+    from PIL import Image
+    path = Path(name) if Path(name).is_absolute() else base / name
+    with Image.open(path) as im:
+        mask = (np.asarray(im.convert("L")) > 0).astype(np.float32)
+    rows, cols = rad.source_shape
+    if mask.shape != (rows, cols):  # stretch to the radiograph's grid
+        ri = np.minimum(((np.arange(rows) + 0.5) * mask.shape[0] / rows).astype(np.intp), mask.shape[0] - 1)
+        ci = np.minimum(((np.arange(cols) + 0.5) * mask.shape[1] / cols).astype(np.intp), mask.shape[1] - 1)
+        mask = mask[ri[:, None], ci[None, :]]
+    return resample(mask, rad.scale) if rad.scale < 1.0 else mask
 
 
 def _worker_init() -> None:
@@ -145,8 +177,12 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
     if not collected:
         raise ValueError(f"no usable site crops in {', '.join(map(str, manifests))} ({len(problems)} problems)")
     cols = list(zip(*collected))
+    has_mask = np.array([m is not None for m in cols[9]])
+    size = next((m.shape for m in cols[9] if m is not None), None)
+    masks = (np.stack([m if m is not None else np.zeros(size, np.uint8) for m in cols[9]]) if size
+             else np.zeros((len(has_mask), 1, 1), np.uint8))
     return Samples(crops=np.stack(cols[0]).astype(np.float32), covariates=np.array(cols[1], dtype=np.float32),
                    site_types=np.array(cols[2], dtype=np.int64), t_scores=np.array(cols[3], dtype=np.float32),
                    labels=np.array(cols[4], dtype=np.int64), groups=np.array(cols[5]),
                    sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32),
-                   implants=np.array(cols[8], dtype=np.int64)), problems
+                   implants=np.array(cols[8], dtype=np.int64), masks=masks, has_mask=has_mask), problems

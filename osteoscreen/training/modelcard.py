@@ -80,6 +80,17 @@ Bland-Altman bias {ba.get('mean_difference', float('nan')):+.3f} (limits {ba.get
 """
 
 
+def _guidance(cfg: dict, trained: dict) -> str:
+    weight = cfg.get("cam_guidance", 0.0)
+    if not weight:
+        return ""
+    return (f"\n- Grad-CAM guidance (weight {weight}): on the {trained.get('n_masked', 'n/a')} training crops that came with a "
+            "bone mask, the share of the Grad-CAM mass (the map the node draws, for the true class) lying off "
+            "bone was added to the loss, so the model learnt to take its evidence from bone. The Grad-CAM "
+            "figures of this model are therefore partly a training target: they show that it looks at bone, "
+            "measured on phantoms it never saw, not that it found bone unprompted.")
+
+
 def write_model_card(path: Path, ckpt: dict) -> None:
     trained = ckpt["trained_on"]
     cfg = ckpt["train_config"]
@@ -116,7 +127,7 @@ features to the training crops of the same site type{' (thresholds ' + ', '.join
 - Epochs {cfg['epochs']}, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, one-cycle schedule; augmentation:
   vendor processing (monotone LUT incl. S-curves, dynamic-range compression, edge enhancement, blur,
   grid-line residue), gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise; covariates set to
-  "missing" at random ({cfg.get('covariate_dropout', 0)} each) so that absent header values are handled.
+  "missing" at random ({cfg.get('covariate_dropout', 0)} each) so that absent header values are handled.{_guidance(cfg, trained)}
 
 ## Results on synthetic phantoms
 {sections}

@@ -42,6 +42,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     t_loss_weight: float = 1.0
     covariate_dropout: float = 0.15  # per covariate, set to "missing" so the model copes with absent headers
+    cam_guidance: float = 0.0  # weight of the Grad-CAM-off-bone penalty on crops with a bone mask (0: off)
     tta: bool = True
     ood_quantile: float = 0.995  # of validation distances, times ood_margin, is the gate's threshold
     ood_margin: float = 1.15
@@ -116,9 +117,11 @@ def processing_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-6)
 
 
-def augment(raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(raw: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scanner processing (`processing_jitter`), exposure (gamma), S0's 2σ windowing jitter, small
-    affine pose changes and noise."""
+    affine pose changes and noise. `masks` (N×1×S×S bone fractions), when given, take the same pose
+    change, so that they stay on the bone of the augmented crops."""
     b = raw.shape[0]
     raw = processing_jitter(raw, gen)
     gamma = torch.exp(torch.empty(b, 1, 1, 1).uniform_(-0.35, 0.35, generator=gen))
@@ -134,7 +137,25 @@ def augment(raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    return x + 0.03 * torch.randn(x.shape, generator=gen)
+    if masks is not None:
+        masks = F.grid_sample(masks, grid, padding_mode="border", align_corners=False)
+    return x + 0.03 * torch.randn(x.shape, generator=gen), masks
+
+
+def cam_off_bone(net: OsteoNet, early: torch.Tensor, fmap: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                 masks: torch.Tensor) -> torch.Tensor:
+    """The share of each crop's Grad-CAM mass that lies off bone, differentiably (N).
+
+    The same Grad-CAM the node draws (model.inference: the 16×16 map after the non-local block,
+    channel weights = spatial mean of the class score's gradient), for the true class, against the
+    bone mask averaged onto that grid. Penalising it ("right for the right reasons", Ross et al.
+    2017; attention guidance as in GAIN, Li et al. 2018) moves the evidence itself onto bone: the
+    map is faithful to the network, so the network has to change for the map to."""
+    score = logits.gather(1, labels[:, None]).sum()
+    grads = torch.autograd.grad(score, early, create_graph=True)[0]
+    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * early).sum(dim=1))
+    bone = F.adaptive_avg_pool2d(masks, early.shape[-2:])[:, 0]
+    return (cam * (1 - bone)).flatten(1).sum(1) / cam.flatten(1).sum(1).clamp_min(1e-6)
 
 
 def drop_covariates(cov: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
@@ -254,6 +275,9 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
                 opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch)
     x, cov, st, y, t = _tensors(tr, device)
     implant = torch.from_numpy(tr.implants)
+    guide = cfg.cam_guidance > 0 and bool(tr.has_mask.any())
+    bone = torch.from_numpy(tr.masks)[:, None] if guide else None
+    has_mask = torch.from_numpy(tr.has_mask)
     t_norm = (t - t_mean) / t_std
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -262,14 +286,22 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = augment(x[idx], gen).to(device)
+            xb, mb = augment(x[idx], gen, bone[idx].float() / 255 if guide else None)
+            xb = xb.to(device)
             cb = drop_covariates(cov[idx], cfg.covariate_dropout, gen).to(device)
-            logits, t_pred, implant_logit = net.heads(net.features(xb), cb, st[idx].to(device))
+            early = net.early_features(xb)
+            fmap = net.stage3(early)
+            logits, t_pred, implant_logit = net.heads(fmap, cb, st[idx].to(device))
             metal = implant[idx].to(device)
             target = t_norm[idx].to(device)
+            yb = y[idx].to(device)
             known = ~torch.isnan(target) & (metal[:, None] == 0)  # sub-regions are optional; metal hides bone
-            loss = F.cross_entropy(logits[metal == 0], y[idx].to(device)[metal == 0]) + cfg.t_loss_weight * F.smooth_l1_loss(
+            loss = F.cross_entropy(logits[metal == 0], yb[metal == 0]) + cfg.t_loss_weight * F.smooth_l1_loss(
                 t_pred[known], target[known])
+            guided = (has_mask[idx].to(device) & (metal == 0)) if guide else None
+            if guided is not None and guided.any():
+                off_bone = cam_off_bone(net, early, fmap, logits, yb, mb.to(device))
+                loss = loss + cfg.cam_guidance * off_bone[guided].mean()
             if net.implant is not None:
                 loss = loss + F.binary_cross_entropy_with_logits(implant_logit, metal.float())
             opt.zero_grad()
@@ -305,7 +337,7 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
             "metrics": metrics, "history": history, "train_config": asdict(cfg),
             "trained_on": {"manifests": [str(m) for m in manifests],
                            "holdout": {k: [str(h) for h in v] for k, v in (holdout or {}).items()},
-                           "n_train": len(tr), "n_val": len(va),
+                           "n_train": len(tr), "n_val": len(va), "n_masked": int(tr.has_mask.sum()),
                            "extraction_problems": len(problems)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     model_path = out / "model.pt"
