@@ -18,10 +18,12 @@ install: $(BIN)/osteoscreen
 demo: install
 	$(BIN)/osteoscreen demo
 
-# Real peers the tests talk to: DCMTK (storescu/storescp/dsrdump/dcmcjpeg…) and dicom3tools (dciodvfy).
+# Real peers the tests talk to: DCMTK (storescu/storescp/dsrdump/dcmcjpeg…), dicom3tools (dciodvfy) and
+# Orthanc (the PACS of tests/test_orthanc.py, which starts its own; Orthanc is in /usr/sbin, not in every PATH).
 system-deps:
-	@if ! command -v storescp >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v dcmcjpls >/dev/null; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools; fi
+	@if ! command -v storescp >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v dcmcjpls >/dev/null \
+	    || ! { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools orthanc; fi
 
 test: install system-deps
 	$(BIN)/pytest -q

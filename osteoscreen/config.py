@@ -51,11 +51,18 @@ class Routing:
 
 @dataclass
 class Output:
+    # all: SR + heatmaps + KOS when positive; positives: the same, but only for studies with a positive
+    # site (other studies send nothing; their findings are still recorded); sr_only: the SR alone.
+    policy: str = "all"
     series_number_sr: int = 9901
     series_number_heatmap: int = 9902
+    series_number_kos: int = 9903
     series_description_sr: str = "osteoscreen bone density SR"
     series_description_heatmap: str = "osteoscreen heatmap"
+    series_description_kos: str = "osteoscreen positive findings"
     heatmaps: bool = True
+    kos: bool = True  # a Key Object Selection document flagging the positive images (not under sr_only)
+    positive_categories: list[str] = field(default_factory=lambda: ["osteoporosis"])
 
 
 @dataclass
@@ -180,3 +187,15 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"model_threads must be at least 1, got {s.model_threads}")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {s.device!r} must be auto, cpu or cuda")
+    _validate_output(s.output)
+
+
+def _validate_output(o: Output) -> None:
+    policies = ("all", "positives", "sr_only")
+    classes = ("normal", "osteopenia", "osteoporosis")  # findings.CLASSES; config imports nothing of ours
+    if o.policy not in policies:
+        raise ConfigError(f"output.policy {o.policy!r} must be one of {', '.join(policies)}")
+    categories = o.positive_categories
+    if not isinstance(categories, list) or not categories or any(c not in classes for c in categories):
+        raise ConfigError(f"output.positive_categories {categories!r} must be a non-empty list of "
+                          f"{', '.join(classes)}")

@@ -2,7 +2,8 @@
 
 A small Storage SCP stands in for the PACS. The node (all roles, SQLite, local folders) receives a
 synthetic pelvis study and a synthetic lumbar AP + lateral study over DICOM, screens them, and sends
-the SR and heatmaps back to the stand-in PACS, which files them by study.
+the SR, the heatmaps and, for a positive study, a Key Object Selection back to the stand-in PACS,
+which files them by study.
 """
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from sqlalchemy import func, select
 
 from .config import Destination, Settings
 from .node.sender import send_files
 from .reports.read import read_sr
 from .service import Node
+from .store.models import Delivery, Study
 from .synth import make_study
 
 log = logging.getLogger("osteoscreen.demo")
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def free_port() -> int:
@@ -93,18 +97,27 @@ def run_demo(workdir: Path = Path("demo-output"), timeout: float = 180.0) -> int
                 print(f"sending failed: {failed[0].error}")
                 return 1
             print(f"sent {len(files)} radiographs; waiting for results …")
-            expected_objects = 2 + len(files)  # one SR per study + one heatmap per image
             deadline = time.monotonic() + timeout
-            while len(pacs.received) < expected_objects and time.monotonic() < deadline:
+            while not _all_delivered(node, len(studies)) and time.monotonic() < deadline:
                 time.sleep(0.5)
+            done = _all_delivered(node, len(studies))
         finally:
             node.stop()
-    if len(pacs.received) < expected_objects:
-        print(f"timed out: the PACS received {len(pacs.received)} of {expected_objects} result objects")
+    if not done:
+        print(f"timed out: the PACS received {len(pacs.received)} result objects; not every study was reported")
         return 1
     _print_results(studies, pacs.received)
     print(f"\nEverything (node database, spool, outbox, stand-in PACS) is under {work}")
     return 0
+
+
+def _all_delivered(node: Node, n_studies: int) -> bool:
+    """Every study reported and every result object the node queued delivered (the node's database
+    is the bookkeeper: how many objects a study yields depends on its findings)."""
+    with node.db.session() as session:
+        reported = session.scalar(select(func.count()).select_from(Study).where(Study.reported_at.is_not(None)))
+        waiting = session.scalar(select(func.count()).select_from(Delivery).where(Delivery.state != "delivered"))
+    return reported >= n_studies and waiting == 0
 
 
 def _print_results(studies: dict, received: list[Path]) -> None:
@@ -125,5 +138,7 @@ def _print_results(studies: dict, received: list[Path]) -> None:
                             else f"not assessable ({f.reason})")
                     print(f"  {f.site:<13} {views.get(f.source_sop_instance_uid, ''):<4} {text}")
                 print(f"  SR:      {path}")
+            elif ds.SOPClassUID == KO_CLASS:
+                print(f"  key object selection (positive finding): {path}")
             else:
                 print(f"  heatmap: {path}")

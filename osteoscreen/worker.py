@@ -21,6 +21,7 @@ from .model.inference import LoadedModel
 from .pipeline.localize import warm_up as warm_up_localiser
 from .pipeline.screen import StudyImage, screen_study
 from .reports.heatmap import build_heatmap
+from .reports.kos import build_kos, positive_findings
 from .reports.sr import build_sr
 from .store import queue
 from .store.db import Database
@@ -106,28 +107,27 @@ class Worker:
 
     # -- one study -------------------------------------------------------------------------
     def process(self, job: Job) -> None:
+        """Screen the job's study; write the result objects the output policy asks for (none for a
+        negative study under `positives`), their deliveries and the findings (always)."""
+        out = self.settings.output
         with self.db.session() as session:
             study = session.get(Study, job.study_id)
             instances = session.scalars(select(Instance).where(Instance.study_id == study.id,
                                                                Instance.eligible.is_(True))
                                         .order_by(Instance.id)).all()
         images = [StudyImage(dcmread(inst.path), inst.region, inst.view) for inst in instances]
-        results = screen_study(images, self.model, heatmaps=self.settings.output.heatmaps)
+        # Grad-CAM and the display image only when a heatmap may be sent (under `positives` that is
+        # known only after screening).
+        heatmaps = out.heatmaps and out.policy != "sr_only"
+        results = screen_study(images, self.model, heatmaps=heatmaps)
         info = self.model.info
         site_findings = [f for r in results for f in r.sites]
-        predecessor = None
-        if study.last_report_path and Path(study.last_report_path).is_file():
-            predecessor = dcmread(study.last_report_path, stop_before_pixels=True)
-        out = self.settings.output
-        sr = build_sr([im.dataset for im in images], site_findings, info, series_number=out.series_number_sr,
-                      series_description=out.series_description_sr, predecessor=predecessor)
-        objects = [("sr", sr)]
-        for image, result in zip(images, results):
-            if result.display is not None:
-                objects.append(("heatmap", build_heatmap(
-                    image.dataset, result.display, result.heatmap, result.sites, info,
-                    display_scale=result.display_scale, series_number=out.series_number_heatmap,
-                    series_description=out.series_description_heatmap)))
+        positive = bool(positive_findings(site_findings, out.positive_categories))
+        objects = []
+        # under `positives` a study already reported gets its superseding SR even when it turned
+        # negative, so the PACS never keeps a stale positive as the latest report
+        if out.policy != "positives" or positive or study.last_report_uid:
+            objects = self._result_objects(study, images, results, site_findings, heatmaps)
         written = [(kind, str(ds.SOPInstanceUID), self.outbox.write_dataset(ds)) for kind, ds in objects]
         findings = [Finding(study_id=study.id, job_id=job.id, sop_instance_uid=f.source_sop_instance_uid,
                             site=f.site, assessable=f.assessable, category=f.category,
@@ -136,11 +136,46 @@ class Worker:
         deliveries = [Delivery(study_id=study.id, sop_instance_uid=uid, kind=kind, path=str(path),
                                destination=str(dest)) for kind, uid, path in written
                       for dest in self.settings.destinations]
-        sr_uid, sr_path = written[0][1], str(written[0][2])
+        if written:
+            report_uid, report_path = written[0][1], str(written[0][2])  # the SR
+        else:  # nothing sent: the last SR sent stays the predecessor of the next one
+            report_uid, report_path = study.last_report_uid, study.last_report_path
         with self.db.session() as session:
-            done = queue.complete_job(session, job.id, self.owner, findings, deliveries, sr_uid, sr_path)
+            done = queue.complete_job(session, job.id, self.owner, findings, deliveries, report_uid, report_path)
+            detail = f"{len(site_findings)} site findings" + ("" if written else f"; no result objects "
+                                                              f"(policy {out.policy}, no positive site)")
             queue.audit(session, "reported" if done else "lease_lost", study_uid=study.study_uid,
-                        sop_instance_uid=sr_uid, detail=f"{len(site_findings)} site findings")
+                        sop_instance_uid=written[0][1] if written else None, detail=detail)
             session.commit()
-        log.info("study %s screened: %s", study.study_uid,
-                 ", ".join(f"{f.site}={f.category or 'not assessable'}" for f in site_findings) or "no sites")
+        log.info("study %s screened: %s%s", study.study_uid,
+                 ", ".join(f"{f.site}={f.category or 'not assessable'}" for f in site_findings) or "no sites",
+                 "" if written else " (nothing sent: no positive site)")
+
+    def _result_objects(self, study: Study, images: list[StudyImage], results: list, site_findings: list,
+                        heatmaps: bool) -> list[tuple[str, object]]:
+        """(kind, dataset) of each result object: the SR first, the heatmaps, the KOS when positive."""
+        out = self.settings.output
+        info = self.model.info
+        predecessor = None
+        if study.last_report_path and Path(study.last_report_path).is_file():
+            predecessor = dcmread(study.last_report_path, stop_before_pixels=True)
+        sources = [im.dataset for im in images]
+        sr = build_sr(sources, site_findings, info, series_number=out.series_number_sr,
+                      series_description=out.series_description_sr, predecessor=predecessor)
+        objects = [("sr", sr)]
+        if heatmaps:
+            for image, result in zip(images, results):
+                # an image with no estimate gets no heatmap: the SR says why, a picture adds nothing
+                if result.display is not None and any(f.assessable for f in result.sites):
+                    objects.append(("heatmap", build_heatmap(
+                        image.dataset, result.display, result.heatmap, result.sites, info,
+                        display_scale=result.display_scale, series_number=out.series_number_heatmap,
+                        series_description=out.series_description_heatmap, report_uid=str(sr.SOPInstanceUID))))
+        if out.kos and out.policy != "sr_only":
+            kos = build_kos(sources, site_findings, info, positive_categories=out.positive_categories,
+                            series_number=out.series_number_kos, series_description=out.series_description_kos,
+                            predecessor_sr_uid=str(predecessor.SOPInstanceUID) if predecessor is not None else None,
+                            sr=sr)
+            if kos is not None:
+                objects.append(("kos", kos))
+        return objects

@@ -22,6 +22,7 @@ from .conftest import dciodvfy_errors, require_tool
 
 pytestmark = pytest.mark.slow
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 OSTEOSCREEN = [sys.executable, "-m", "osteoscreen.cli"]
 
@@ -125,11 +126,11 @@ def node(tmp_path, peer):
 
 
 def results_for(peer: Peer, study_uid: str) -> dict[str, list]:
-    found = {"sr": [], "sc": []}
+    found = {"sr": [], "sc": [], "ko": []}
     for path in peer.objects():
         ds = dcmread(path)
         if str(ds.StudyInstanceUID) == study_uid:
-            found["sr" if ds.SOPClassUID == SR_CLASS else "sc"].append((path, ds))
+            found[{SR_CLASS: "sr", KO_CLASS: "ko"}.get(ds.SOPClassUID, "sc")].append((path, ds))
     return found
 
 
@@ -141,9 +142,14 @@ def test_pelvis_and_lumbar_studies_come_back_in_their_studies(tmp_path, peer, no
     assert wait_for(lambda: len(peer.objects()) >= 2 + 3, 120), f"PACS got {peer.objects()}\n{node.log.read_text()[-3000:]}"
 
     hip_uid, lum_uid = str(hip[0].dataset.StudyInstanceUID), str(lum[0].dataset.StudyInstanceUID)
+    # a study with an osteoporosis finding also gets a Key Object Selection, once its SR is in
+    expected_kos = {uid: int(any(f.category == "osteoporosis" for f in read_sr(results_for(peer, uid)["sr"][0][1])))
+                    for uid in (hip_uid, lum_uid)}
+    assert wait_for(lambda: len(peer.objects()) >= 5 + sum(expected_kos.values()), 60), peer.objects()
     hip_res, lum_res = results_for(peer, hip_uid), results_for(peer, lum_uid)
     assert len(hip_res["sr"]) == 1 and len(hip_res["sc"]) == 1
     assert len(lum_res["sr"]) == 1 and len(lum_res["sc"]) == 2  # one heatmap per lumbar view
+    assert (len(hip_res["ko"]), len(lum_res["ko"])) == (expected_kos[hip_uid], expected_kos[lum_uid])
 
     hip_findings = read_sr(hip_res["sr"][0][1])
     assert sorted(f.site for f in hip_findings) == ["left_hip", "right_hip"]
@@ -167,7 +173,8 @@ def test_pelvis_and_lumbar_studies_come_back_in_their_studies(tmp_path, peer, no
     with node.db().connect() as c:
         rows = c.execute(text("SELECT site, category FROM findings ORDER BY site")).all()
         assert [r[0] for r in rows] == ["left_hip", "lumbar_spine", "lumbar_spine", "right_hip"]
-        assert c.execute(text("SELECT count(*) FROM deliveries WHERE state='delivered'")).scalar() == 5
+        assert c.execute(text("SELECT count(*) FROM deliveries WHERE state='delivered'")).scalar() == (
+            5 + sum(expected_kos.values()))
     log = node.log.read_text()
     assert "stored" in log  # the node did log its work …
     for im in hip + lum:  # … without patient names or IDs

@@ -226,6 +226,16 @@ def test_heatmap_is_deterministic(source):
     assert stable_bytes(first) == stable_bytes(second)
 
 
+def test_heatmap_of_a_new_report_gets_a_new_uid(source):
+    display, heat = display_and_heat()
+    def build(report_uid):
+        return build_heatmap(source, display, heat, findings_for(source), MODEL, display_scale=SCALE,
+                             report_uid=report_uid)
+    first, again, later = build("1.2.3.4"), build("1.2.3.4"), build("1.2.3.5")
+    assert first.SOPInstanceUID == again.SOPInstanceUID != later.SOPInstanceUID
+    assert first.SeriesInstanceUID == later.SeriesInstanceUID  # one heatmap series per model version
+
+
 def test_model_version_changes_uids(source):
     other = ModelInfo(MODEL.name, "1.3.0", MODEL.checksum)
     sr, sr_other = (build_sr([source], findings_for(source), m) for m in (MODEL, other))
@@ -304,6 +314,18 @@ def test_heatmap_without_gradcam_has_no_overlay(source):
     assert chroma(ds.pixel_array[r0 + 5:r1 - 5, c0 + 5:c1 - 5]).max() <= 1
 
 
+def test_legend_names_grad_cam_only_where_there_is_an_estimate(source):
+    from osteoscreen.reports.heatmap import render
+    display, heat = display_and_heat()
+    refused = [SiteFinding(f.site, f.source_sop_instance_uid, f.source_sop_class_uid, False,
+                           reason=REASON_SITE_NOT_FOUND) for f in findings_for(source)]
+    with_estimate = render(display, heat, findings_for(source), MODEL, SCALE)
+    without = render(display, heat, refused, MODEL, SCALE)
+    no_map = render(display, np.zeros_like(heat), findings_for(source), MODEL, SCALE)
+    # the text band is one wrapped line per entry: the legend line adds height
+    assert with_estimate.shape[0] > without.shape[0] and with_estimate.shape[0] > no_map.shape[0]
+
+
 def test_heatmap_attributes(source):
     ds = heatmap_for(source)
     assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.SeriesInstanceUID != source.SeriesInstanceUID
@@ -339,7 +361,8 @@ def test_tolerates_sparse_sources(source):
 
 
 def test_reports_import_only_findings():
-    code = ("import sys, osteoscreen.reports.sr, osteoscreen.reports.heatmap, osteoscreen.reports.read; "
+    code = ("import sys, osteoscreen.reports.sr, osteoscreen.reports.heatmap, osteoscreen.reports.read, "
+            "osteoscreen.reports.kos; "
             "print(sorted(m for m in sys.modules if m.startswith('osteoscreen.') "
             "and not m.startswith(('osteoscreen.reports', 'osteoscreen.findings'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -361,6 +384,21 @@ def test_summary_says_when_views_were_fused():
                          -2.8, fused_with=[str(other.SOPInstanceUID)]) for ds, other in ((ap, lat), (lat, ap))]
     texts = " ".join(_texts(build_sr([ap, lat], fused, MODEL)))
     assert "Worst site: lumbar spine, osteoporosis, estimated T-score -2.8." in texts
-    assert "several views (AP and lateral) combined" in texts
+    assert "lumbar spine: one estimate from several views combined" in texts
     single = [SiteFinding("lumbar_spine", str(ap.SOPInstanceUID), str(ap.SOPClassUID), True, "osteoporosis", probs, -2.8)]
     assert "several views" not in " ".join(_texts(build_sr([ap], single, MODEL)))
+
+
+def test_fused_estimate_names_both_views_as_its_sources(tmp_path):
+    ap, lat = make_dx(), make_dx()
+    lat.StudyInstanceUID = ap.StudyInstanceUID
+    probs = {"normal": 0.1, "osteopenia": 0.3, "osteoporosis": 0.6}
+    fused = [SiteFinding("lumbar_spine", str(ds.SOPInstanceUID), str(ds.SOPClassUID), True, "osteoporosis", probs,
+                         -2.8, fused_with=[str(other.SOPInstanceUID)]) for ds, other in ((ap, lat), (lat, ap))]
+    sr = build_sr([ap, lat], fused, MODEL)
+    back = read_sr(sr)
+    assert [(f.source_sop_instance_uid, f.fused_with) for f in back] == [
+        (str(ap.SOPInstanceUID), [str(lat.SOPInstanceUID)]), (str(lat.SOPInstanceUID), [str(ap.SOPInstanceUID)])]
+    assert [line for line in dciodvfy(saved(sr, tmp_path / "fused.dcm")) if "Error" in line] == []
+    single = build_sr([ap], fused[:1], MODEL)  # the other view is not in this report: only its own image
+    assert read_sr(single)[0].fused_with == []

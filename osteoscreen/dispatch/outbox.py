@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ..config import Destination, Settings
-from ..node.sender import send_files
+from ..node.sender import SendResult, send_files
 from ..store import queue
 from ..store.db import Database
 from ..store.models import Delivery, utcnow
@@ -38,7 +38,12 @@ class Dispatcher:
                 by_destination[d.destination].append(d)
             delivered = 0
             for dest_text, items in by_destination.items():
-                results = send_files(Destination.parse(dest_text), [Path(d.path) for d in items], s.ae_title)
+                paths = [Path(d.path) for d in items]
+                try:
+                    results = send_files(Destination.parse(dest_text), paths, s.ae_title)
+                except Exception as exc:  # never leave claimed deliveries stuck in 'sending'
+                    log.exception("sending to %s failed", dest_text)
+                    results = [SendResult(p, False, None, f"{type(exc).__name__}: {exc}") for p in paths]
                 for d, r in zip(items, results):
                     d.attempts += 1
                     if r.ok:

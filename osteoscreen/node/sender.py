@@ -37,8 +37,18 @@ def echo(destination: Destination, ae_title: str = "OSTEOSCREEN", timeout: float
 
 def send_files(destination: Destination, paths: list[Path], ae_title: str = "OSTEOSCREEN",
                timeout: float = 30) -> list[SendResult]:
-    """Send each file; a failed association fails every file with the reason."""
-    headers = [(Path(p), dcmread(p, stop_before_pixels=True)) for p in paths]
+    """Send each file; a failed association fails every file with the reason. Never raises for a
+    peer's or a file's fault: an unreadable file, or a SOP class the peer did not accept, fails
+    that file alone with the reason."""
+    results: dict[Path, SendResult] = {}
+    headers = []
+    for p in map(Path, paths):
+        try:
+            headers.append((p, dcmread(p, stop_before_pixels=True)))
+        except Exception as exc:  # pydicom raises many types for a damaged file
+            results[p] = SendResult(p, False, None, f"unreadable result file: {type(exc).__name__}: {exc}")
+    if not headers:
+        return [results[Path(p)] for p in paths]
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in headers}
@@ -48,22 +58,30 @@ def send_files(destination: Destination, paths: list[Path], ae_title: str = "OST
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     except (OSError, RuntimeError) as exc:
-        return [SendResult(p, False, None, f"association failed: {exc}") for p, _ in headers]
-    if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return [SendResult(p, False, None, f"{reason} ({destination})") for p, _ in headers]
-    results = []
+        assoc, failure = None, f"association failed: {exc}"
+    else:
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
+            assoc, failure = None, f"{reason} ({destination})"
+    if assoc is None:
+        results.update({p: SendResult(p, False, None, failure) for p, _ in headers})
+        return [results[Path(p)] for p in paths]
     try:
         for path, _ in headers:
             if not assoc.is_established:
-                results.append(SendResult(path, False, None, "association lost"))
+                results[path] = SendResult(path, False, None, "association lost")
                 continue
-            status = assoc.send_c_store(path)
+            try:
+                status = assoc.send_c_store(path)
+            except (ValueError, RuntimeError, OSError, AttributeError) as exc:
+                # e.g. the peer accepted no presentation context for this SOP class
+                results[path] = SendResult(path, False, None, f"not sent: {exc}")
+                continue
             code = getattr(status, "Status", None) if status else None
             ok = code == 0 or code in WARNING_STATUSES
-            results.append(SendResult(path, ok, code, None if ok else
-                                      (f"C-STORE status 0x{code:04X}" if code is not None else "no response")))
+            results[path] = SendResult(path, ok, code, None if ok else
+                                       (f"C-STORE status 0x{code:04X}" if code is not None else "no response"))
     finally:
         if assoc.is_established:
             assoc.release()
-    return results
+    return [results[Path(p)] for p in paths]

@@ -14,6 +14,9 @@ Standard codes (checked against pydicom 3.0's PS3.16 concept dictionary unless n
   instances to create new ones), DCM 121322 "Source image for image processing operation" (CID 7202).
 - UMLS C0034375 "Qualitative Evaluations": the TID 1500 container for study-level evaluations (as
   used by DCMTK's TID 1500 implementation, libcmr).
+- DCM 113000 "Of Interest" (CID 7010 Key Object Selection Document Title): the title of the Key
+  Object Selection document flagging the images with a positive site (its Key Object Description,
+  DCM 113012, is added by highdicom).
 - UCUM "1" "no units" (CID 7181) for probabilities in [0, 1]; UCUM "{T-score}" (a UCUM annotation,
   dimensionless) for the estimated T-score.
 
@@ -84,6 +87,7 @@ PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 SOURCE_IMAGE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS = Code("1", "UCUM", "no units")
+OF_INTEREST = Code("113000", "DCM", "Of Interest")  # Key Object Selection document title
 T_SCORE_UNIT = Code("{T-score}", "UCUM", "T-score")
 
 CATEGORY_CODES = {

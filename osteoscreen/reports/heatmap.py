@@ -120,9 +120,10 @@ def render(display: np.ndarray, heatmap: np.ndarray, sites: list[SiteFinding], m
     ordered = sorted(sites, key=lambda f: SITES.index(f.site))
     _draw_boxes(image, ordered, display_scale)
     entries = [(site_text(f), _colour(f)) for f in ordered] or [("No screening site found", LIGHT_GREY)]
-    entries += [(f"Model: {model.name} {model.version} (sha256:{model.checksum[:12]})", WHITE),
-                ("Colour overlay: Grad-CAM, the regions that drove the estimate", LIGHT_GREY),
-                (codes.DISCLAIMER, YELLOW)]
+    entries.append((f"Model: {model.name} {model.version} (sha256:{model.checksum[:12]})", WHITE))
+    if any(f.assessable for f in ordered) and float(np.max(heatmap, initial=0.0)) > HEAT_FLOOR:
+        entries.append(("Colour overlay: Grad-CAM, the regions that drove the estimate", LIGHT_GREY))
+    entries.append((codes.DISCLAIMER, YELLOW))
     band = _text_band(image.width, entries)
     return np.vstack([np.asarray(image), np.asarray(band)])
 
@@ -139,13 +140,15 @@ def _source_reference(source: pydicom.Dataset) -> pydicom.Dataset:
 def build_heatmap(source: pydicom.Dataset, display: np.ndarray, heatmap: np.ndarray | None,
                   findings: list[SiteFinding], model: ModelInfo, *, display_scale: float,
                   series_number: int = 9902, series_description: str = "osteoscreen heatmap",
-                  manufacturer: str = "osteoscreen") -> pydicom.Dataset:
+                  manufacturer: str = "osteoscreen", report_uid: str | None = None) -> pydicom.Dataset:
     """Secondary Capture (RGB) of `source` with the Grad-CAM overlay and burned-in results.
 
     `display` and `heatmap` are float HxW in [0, 1] on the same grid (no heatmap: no overlay);
     `display_scale` is display pixels per source pixel (boxes are in source pixels). Only findings
     of `source` are drawn.
-    UIDs derive from the source SOP Instance UID and the model version (series: study + version).
+    UIDs derive from the source SOP Instance UID, the model version and `report_uid` (the SR this
+    heatmap goes with; series: study + version): the same report gives the same heatmap, and a
+    re-report, whose findings may differ, gives a new one.
     """
     sites = [f for f in findings if f.source_sop_instance_uid == str(source.SOPInstanceUID)]
     display = np.asarray(display, dtype=np.float32)
@@ -160,7 +163,8 @@ def build_heatmap(source: pydicom.Dataset, display: np.ndarray, heatmap: np.ndar
         study_instance_uid=study_uid,
         series_instance_uid=derived_uid(study_uid, "heatmap-series", model.version),
         series_number=series_number,
-        sop_instance_uid=derived_uid(str(source.SOPInstanceUID), model.version, "heatmap"),
+        sop_instance_uid=derived_uid(str(source.SOPInstanceUID), model.version, "heatmap",
+                                     *((report_uid,) if report_uid else ())),
         instance_number=max(1, int(source.get("InstanceNumber") or 1)),
         manufacturer=manufacturer, manufacturer_model_name=model.name, software_versions=model.version,
         series_description=series_description,

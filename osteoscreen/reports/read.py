@@ -49,10 +49,11 @@ def _code_value(item: pydicom.Dataset) -> tuple[str, str]:
 def _finding(group: pydicom.Dataset) -> SiteFinding:
     """One measurement group back into a SiteFinding."""
     site = str(_children(group, _TRACKING_IDENTIFIER)[0].TextValue)
-    image = next(child for child in group.ContentSequence if child.ValueType == "IMAGE")
-    reference = image.ReferencedSOPSequence[0]
+    images = [child.ReferencedSOPSequence[0] for child in group.ContentSequence if child.ValueType == "IMAGE"]
+    reference = images[0]  # the group's own image; any further ones were fused into its estimate
     finding = SiteFinding(site=site, source_sop_instance_uid=str(reference.ReferencedSOPInstanceUID),
-                          source_sop_class_uid=str(reference.ReferencedSOPClassUID), assessable=True)
+                          source_sop_class_uid=str(reference.ReferencedSOPClassUID), assessable=True,
+                          fused_with=[str(other.ReferencedSOPInstanceUID) for other in images[1:]])
     for item in _children(group, codes.BONE_DENSITY_CATEGORY):
         finding.category = _CATEGORY_BY_CODE[_code_value(item)]
     for item in _children(group, codes.NOT_ASSESSABLE_REASON):

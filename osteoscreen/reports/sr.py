@@ -12,7 +12,8 @@ Content tree (IHE AI Results as the guide)::
           Estimated T-score with finding site Neck of femur (SCT 29627003)   [hips, when estimated]
           Bone density category (WHO) = SCT Normal/Osteopenia/Osteoporosis   [assessable sites]
           Reason not assessable = private reason code                     [not assessable sites]
-          Source of Measurement = the source image
+          Source of Measurement = the source image, then every other image whose estimate of
+                                  the site was fused into this one (lumbar AP + lateral)
       Qualitative Evaluations (UMLS C0034375)     study level
         Worst-site bone density category, Study summary (TEXT), Use limitation (TEXT)
 """
@@ -130,11 +131,14 @@ def _evaluation(finding: SiteFinding) -> hd.sr.QualitativeEvaluation | None:
     return None
 
 
-def _site_group(finding: SiteFinding, model: ModelInfo,
-                manufacturer: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 measurement group for one site of one source image."""
+def _site_group(finding: SiteFinding, model: ModelInfo, manufacturer: str,
+                sop_classes: dict[str, str]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 measurement group for one site of one source image. A fused estimate names every
+    image it came from as a Source of Measurement (the group's own image first)."""
     anatomy, laterality = codes.SITE_ANATOMY[finding.site]
     evaluation = _evaluation(finding)
+    sources = [(finding.source_sop_class_uid, finding.source_sop_instance_uid)]
+    sources += [(sop_classes[uid], uid) for uid in finding.fused_with if uid in sop_classes]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(finding.source_sop_instance_uid, finding.site, "tracking"),
@@ -143,9 +147,9 @@ def _site_group(finding: SiteFinding, model: ModelInfo,
         algorithm_id=_algorithm(model, manufacturer),
         measurements=_measurements(finding),
         qualitative_evaluations=[evaluation] if evaluation is not None else None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=finding.source_sop_class_uid,
-            referenced_sop_instance_uid=finding.source_sop_instance_uid)])
+        source_images=[hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=sop_class,
+                                                            referenced_sop_instance_uid=uid)
+                       for sop_class, uid in sources])
 
 
 def study_summary(findings: list[SiteFinding]) -> str:
@@ -155,7 +159,7 @@ def study_summary(findings: list[SiteFinding]) -> str:
         return "No site could be assessed."
     t_score = "" if worst.t_score is None else f", estimated T-score {worst.t_score:+.1f}"
     fused = sorted({site_label(f.site) for f in findings if f.assessable and f.fused_with})
-    views = f" {', '.join(fused)}: one estimate from several views (AP and lateral) combined." if fused else ""
+    views = f" {', '.join(fused)}: one estimate from several views combined." if fused else ""
     return f"Worst site: {site_label(worst.site)}, {worst.category}{t_score}.{views}"
 
 
@@ -176,12 +180,13 @@ def _study_evaluations(findings: list[SiteFinding], model: ModelInfo) -> Contain
     return container
 
 
-def _report(findings: list[SiteFinding], model: ModelInfo, manufacturer: str) -> hd.sr.MeasurementReport:
+def _report(findings: list[SiteFinding], model: ModelInfo, manufacturer: str,
+            sop_classes: dict[str, str]) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree."""
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(model, manufacturer),
         procedure_reported=codes.PROCEDURE_XR,
-        imaging_measurements=[_site_group(f, model, manufacturer) for f in findings])
+        imaging_measurements=[_site_group(f, model, manufacturer, sop_classes) for f in findings])
     report[0].ContentSequence.append(_study_evaluations(findings, model))
     return report
 
@@ -206,7 +211,8 @@ def build_sr(sources: list[pydicom.Dataset], findings: list[SiteFinding], model:
     header = source_header(sources[0])
     sr = hd.sr.Comprehensive3DSR(
         evidence=[header, *sources[1:]],
-        content=_report(findings, model, manufacturer),
+        content=_report(findings, model, manufacturer,
+                        {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in sources}),
         series_instance_uid=derived_uid(study_uid, "sr-series", model.version),
         series_number=series_number,
         sop_instance_uid=derived_uid(study_uid, model.version, *source_uids, predecessor_uid),

@@ -99,7 +99,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # sr | heatmap
+    kind: Mapped[str] = mapped_column(String(16))  # sr | heatmap | kos
     path: Mapped[str] = mapped_column(Text)
     destination: Mapped[str] = mapped_column(String(128))  # AET@HOST:PORT
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|delivered|dead
