@@ -160,8 +160,11 @@ class Worker:
         if study.last_report_path and Path(study.last_report_path).is_file():
             predecessor = dcmread(study.last_report_path, stop_before_pixels=True)
         sources = [im.dataset for im in images]
+        # the n-th report of a study is instance n of the SR (and KOS) series
+        number = int(predecessor.get("InstanceNumber") or 1) + 1 if predecessor is not None else 1
         sr = build_sr(sources, site_findings, info, series_number=out.series_number_sr,
-                      series_description=out.series_description_sr, predecessor=predecessor)
+                      series_description=out.series_description_sr, predecessor=predecessor,
+                      instance_number=number)
         objects = [("sr", sr)]
         if heatmaps:
             for image, result in zip(images, results):
@@ -174,6 +177,7 @@ class Worker:
         if out.kos and out.policy != "sr_only":
             kos = build_kos(sources, site_findings, info, positive_categories=out.positive_categories,
                             series_number=out.series_number_kos, series_description=out.series_description_kos,
+                            instance_number=number,
                             predecessor_sr_uid=str(predecessor.SOPInstanceUID) if predecessor is not None else None,
                             sr=sr)
             if kos is not None:

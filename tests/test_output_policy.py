@@ -330,6 +330,7 @@ def test_a_reported_study_always_gets_its_superseding_sr(tmp_path, model, phanto
         assert late.positive_images(), "premise: the pelvis phantom at T -4 is osteoporosis"
         (sr,) = late.of_kind("sr")
         assert predecessors(sr) == [second_sr.SOPInstanceUID]
+        assert [first_sr.InstanceNumber, second_sr.InstanceNumber, sr.InstanceNumber] == [1, 2, 3]
         assert late.last_report_uid == str(sr.SOPInstanceUID)
         (kos,) = late.of_kind("kos")
         assert kos.SOPInstanceUID not in (first_sr.SOPInstanceUID, second_sr.SOPInstanceUID)
