@@ -140,6 +140,54 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _db_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config.yaml (default: none; environment OSTEOSCREEN_* also applies)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the storage folder)")
+    p.add_argument("--storage", help="folder holding the SQLite database (default ./var)")
+
+
+def _database(args, migrate: bool = True):
+    """Open the configured database; a URL SQLAlchemy cannot use is a usage error (exit 2)."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    from .store.db import Database
+    settings = load(args.config or None, {"database_url": args.database_url, "storage": args.storage})
+    try:
+        return settings, Database(settings.db_url, migrate=migrate)
+    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise UsageError(f"database URL is not usable ({type(exc).__name__}: {exc}); expected e.g. "
+                         "sqlite:///path/osteoscreen.db or postgresql+psycopg://user@host/dbname") from None
+
+
+def cmd_db_upgrade(args) -> int:
+    from .store.db import current_revision
+    _, db = _database(args, migrate=True)  # Database() brings the schema to head (stamping a pre-Alembic one)
+    try:
+        with db.engine.connect() as conn:
+            revision = current_revision(conn)
+        print(f"database {db.engine.url.render_as_string(hide_password=True)} at schema revision {revision} (head)")
+    finally:
+        db.dispose()
+    return 0
+
+
+def cmd_resend(args) -> int:
+    from .dispatch.resend import NotFound, resend
+    _, db = _database(args)
+    try:
+        with db.session() as session:
+            result = resend(session, dead=args.dead, study_uid=args.study, delivery_id=args.delivery)
+    except NotFound as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        db.dispose()
+    extra = [f"{n} {what}" for n, what in ((result.already_queued, "already queued"),
+                                           (result.skipped_purged, "skipped: outbox file removed by retention"))
+             if n]
+    print(f"{result.requeued} deliver{'y' if result.requeued == 1 else 'ies'} re-queued"
+          + (f" ({'; '.join(extra)})" if extra else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     if not args.verbose:  # the demo prints its own story; node chatter only with -v
@@ -227,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "have them, else by order); with --json under the key \"comparison\"")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("db", help="database administration (schema migrations)")
+    db_sub = p.add_subparsers(dest="db_command", required=True)  # more `db` commands register here
+    q = db_sub.add_parser("upgrade", help="migrate the database schema to the newest revision (a database made "
+                          "before migrations existed is stamped first); serve/listen/work/dispatch do this on start")
+    _db_flags(q)
+    q.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("resend", help="re-queue result deliveries: all dead ones, or those of a study or one delivery")
+    _db_flags(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dead", action="store_true", help="every dead delivery (attempts reset)")
+    which.add_argument("--study", metavar="UID", help="the dead and delivered deliveries of this Study Instance UID")
+    which.add_argument("--delivery", metavar="ID", type=int, help="one dead or delivered delivery, by id")
+    p.set_defaults(func=cmd_resend)
+
     p = sub.add_parser("demo", help="end-to-end demonstration on a fresh machine")
     p.add_argument("--workdir", default="demo-output", help="folder for the demo, emptied first (default ./demo-output)")
     p.set_defaults(func=cmd_demo)
@@ -238,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("highdicom", "pynetdicom"):
+    for noisy in ("highdicom", "pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a skipped overlapping tick is normal
     try:

@@ -27,17 +27,18 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # send over DICOM TLS (client side of the `tls` settings)
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
-        """Parse AET@HOST:PORT, the form used on the command line."""
-        m = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
+        """Parse AET@HOST:PORT, the form used on the command line; AET@HOST:PORT?tls sends over TLS."""
+        m = re.fullmatch(r"([^@]{1,16})@([^:?]+):(\d{1,5})(\?tls)?", text.strip())
         if not m:
-            raise ConfigError(f"destination {text!r} is not AET@HOST:PORT")
-        return cls(m.group(1), m.group(2), int(m.group(3)))
+            raise ConfigError(f"destination {text!r} is not AET@HOST:PORT or AET@HOST:PORT?tls")
+        return cls(m.group(1), m.group(2), int(m.group(3)), bool(m.group(4)))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("?tls" if self.tls else "")
 
 
 @dataclass
@@ -66,6 +67,28 @@ class Output:
 
 
 @dataclass
+class TLS:
+    """DICOM TLS: the listener's TLS port, and the node's identity and trust for TLS destinations."""
+    enabled: bool = False  # listen for TLS associations on `port` below
+    port: int = 2762
+    keep_plain_port: bool = True  # with TLS enabled, also keep the unencrypted Settings.port open
+    certificate: str | None = None  # PEM: our certificate (chain); server, and client for TLS destinations
+    private_key: str | None = None  # PEM, unencrypted
+    ca_certificates: str | None = None  # PEM bundle of trusted CAs (peers' certificates); none: system store
+    require_client_certificate: bool = False  # listener: refuse TLS peers without a certificate from a CA
+    check_hostname: bool = True  # sender: the destination's certificate must name its host
+
+
+@dataclass
+class Retention:
+    """What the listen role's retention job removes, by age in days (0 = keep forever)."""
+    spool_days: float = 30.0  # received images of studies reported (or skipped) this long ago
+    outbox_days: float = 30.0  # result files delivered this long ago (a study's latest SR is kept)
+    rows_days: float = 0.0  # database rows of done studies (instances, jobs, findings, deliveries)
+    interval_minutes: float = 60.0  # how often the job runs
+
+
+@dataclass
 class Settings:
     ae_title: str = "OSTEOSCREEN"
     bind_address: str = "0.0.0.0"
@@ -75,6 +98,13 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     settle_seconds: float = 10.0
     max_pdu: int = 65536
+    # listener: who may associate, and what it may cost us
+    allowed_calling_aets: list[str] = field(default_factory=list)  # empty: any calling AE title
+    require_called_aet: bool = True  # the called AE title must be ae_title
+    max_dataset_bytes: int = 1 << 30  # larger C-STORE data sets are refused (0xA700); 0 = no limit
+    min_free_disk_mb: int = 1024  # below this free space on the spool's disk, C-STORE gets 0xA700; 0 = off
+    max_queued_jobs: int = 10000  # queued + running screening jobs above which C-STORE gets 0xA700; 0 = off
+    tls: TLS = field(default_factory=TLS)
     # worker
     model_path: Path = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
@@ -82,12 +112,17 @@ class Settings:
     poll_seconds: float = 0.5
     lease_seconds: float = 120.0
     job_max_attempts: int = 3
+    worker_batch_studies: int = 4  # jobs a worker claims at once; their sites share one model call
     # dispatch
     dispatch_max_attempts: int = 8
     dispatch_backoff_seconds: float = 5.0
     dispatch_backoff_max_seconds: float = 600.0
+    # circuit breaker per destination: this many consecutive association failures open it (0 = no breaker)
+    dispatch_circuit_failures: int = 5
+    dispatch_circuit_open_seconds: float = 60.0  # open this long, then one probe; doubles per failed probe
     routing: Routing = field(default_factory=Routing)
     output: Output = field(default_factory=Output)
+    retention: Retention = field(default_factory=Retention)
 
     @property
     def db_url(self) -> str:
@@ -185,9 +220,38 @@ def _validate(s: Settings) -> None:
         raise ConfigError("settle_seconds must be >= 0")
     if s.model_threads < 1:
         raise ConfigError(f"model_threads must be at least 1, got {s.model_threads}")
+    if s.worker_batch_studies < 1:
+        raise ConfigError(f"worker_batch_studies must be at least 1, got {s.worker_batch_studies}")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {s.device!r} must be auto, cpu or cuda")
+    _validate_listener(s)
     _validate_output(s.output)
+    _validate_dispatch_retention(s)
+
+
+def _validate_listener(s: Settings) -> None:
+    for aet in s.allowed_calling_aets:
+        if not re.fullmatch(r"[ -~]{1,16}", str(aet)) or str(aet).strip() == "" or "\\" in str(aet):
+            raise ConfigError(f"allowed_calling_aets: {aet!r} is not an AE title (1-16 printable ASCII characters)")
+    for name in ("max_dataset_bytes", "min_free_disk_mb", "max_queued_jobs"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 = no limit), got {getattr(s, name)}")
+    t = s.tls
+    if not 0 <= t.port <= 65535:
+        raise ConfigError(f"tls.port {t.port} out of range")
+    if bool(t.certificate) != bool(t.private_key):
+        raise ConfigError("tls.certificate and tls.private_key go together")
+    for name in ("certificate", "private_key", "ca_certificates"):
+        value = getattr(t, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"tls.{name}: file {value} not found")
+    if t.enabled:
+        if not t.certificate:
+            raise ConfigError("tls.enabled needs tls.certificate and tls.private_key")
+        if t.keep_plain_port and t.port == s.port and t.port != 0:
+            raise ConfigError(f"tls.port and port are both {t.port}: give TLS its own port")
+    if t.require_client_certificate and not t.ca_certificates:
+        raise ConfigError("tls.require_client_certificate needs tls.ca_certificates")
 
 
 def _validate_output(o: Output) -> None:
@@ -199,3 +263,17 @@ def _validate_output(o: Output) -> None:
     if not isinstance(categories, list) or not categories or any(c not in classes for c in categories):
         raise ConfigError(f"output.positive_categories {categories!r} must be a non-empty list of "
                           f"{', '.join(classes)}")
+
+
+def _validate_dispatch_retention(s: Settings) -> None:
+    if s.dispatch_circuit_failures < 0:
+        raise ConfigError(f"dispatch_circuit_failures must be >= 0 (0: no circuit breaker), "
+                          f"got {s.dispatch_circuit_failures}")
+    if s.dispatch_circuit_open_seconds <= 0:
+        raise ConfigError(f"dispatch_circuit_open_seconds must be > 0, got {s.dispatch_circuit_open_seconds}")
+    r = s.retention
+    for name in ("spool_days", "outbox_days", "rows_days"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"retention.{name} must be >= 0 (0: keep forever), got {getattr(r, name)}")
+    if r.interval_minutes <= 0:
+        raise ConfigError(f"retention.interval_minutes must be > 0, got {r.interval_minutes}")

@@ -1,11 +1,15 @@
-"""Periodic jobs (APScheduler): settle quiet studies into jobs, dispatch due deliveries, reap leases.
+"""Periodic jobs (APScheduler): settle quiet studies into jobs, dispatch due deliveries, reap leases,
+and retention (old spool and outbox files, optionally old rows).
 
-Timers live in the database (last_received_at, next_attempt_at, lease_expires_at), not in memory,
-so a restart loses no pending work: the next tick simply finds it due.
+Timers live in the database (last_received_at, next_attempt_at, lease_expires_at, the destination
+circuits' retry_at), not in memory, so a restart loses no pending work: the next tick simply finds
+it due. Retention runs where the settle timer runs (the listen role: `serve`, `listen`): it needs
+the storage folder, and its deletes are idempotent, so two listeners running it do no harm.
 """
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -13,11 +17,22 @@ from .config import Settings
 from .dispatch.outbox import Dispatcher
 from .store import queue
 from .store.db import Database
+from .store.retention import purge
 
 log = logging.getLogger("osteoscreen.scheduler")
 
 
-def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, dispatch: bool = True) -> BackgroundScheduler:
+def run_retention(settings: Settings, db: Database):
+    """One retention pass with the configured ages; returns the PurgeReport."""
+    r = settings.retention
+    with db.session() as session:
+        return purge(session, spool_days=r.spool_days, outbox_days=r.outbox_days, rows_days=r.rows_days,
+                     spool_root=settings.spool_dir, outbox_root=settings.outbox_dir)
+
+
+def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, dispatch: bool = True,
+                    retention: bool | None = None) -> BackgroundScheduler:
+    """retention: run the retention job (default: where settle runs, i.e. the listen role)."""
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
     if settle:
         def settle_tick() -> None:
@@ -30,4 +45,13 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
     if dispatch:
         dispatcher = Dispatcher(settings, db)
         sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="dispatch")
+    r = settings.retention
+    if (settle if retention is None else retention) and (r.spool_days or r.outbox_days or r.rows_days):
+        def retention_tick() -> None:
+            try:
+                run_retention(settings, db)
+            except Exception:  # logged; the next tick tries again
+                log.exception("retention failed")
+        sched.add_job(retention_tick, "interval", minutes=r.interval_minutes, id="retention",
+                      next_run_time=datetime.now(timezone.utc) + timedelta(seconds=60))
     return sched

@@ -1,7 +1,11 @@
-"""The worker role: claim a job, screen its study, write the result objects and their deliveries.
+"""The worker role: claim jobs, screen their studies, write the result objects and their deliveries.
 
-Results, deliveries and the job's completion are committed in one transaction; result objects have
-deterministic UIDs, so a job re-run after a crash rewrites the same objects instead of new ones.
+A worker claims up to `worker_batch_studies` jobs at once and runs all their sites through the model
+in one batch (`pipeline.screen.screen_studies`); a lease heartbeat covers every job it holds. Each job
+then completes on its own: its results, deliveries and completion are committed in one transaction,
+and a study that fails fails only its job (retried alone, set aside after `job_max_attempts`). Result
+objects have deterministic UIDs, so a job re-run after a crash rewrites the same objects instead of
+new ones.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from sqlalchemy import select
 from .config import Settings
 from .model.inference import LoadedModel
 from .pipeline.localize import warm_up as warm_up_localiser
-from .pipeline.screen import StudyImage, screen_study
+from .pipeline.screen import StudyImage, screen_studies, screen_study
 from .reports.heatmap import build_heatmap
 from .reports.kos import build_kos, positive_findings
 from .reports.sr import build_sr
@@ -29,6 +33,28 @@ from .store.models import Delivery, Finding, Instance, Job, Study
 from .store.spool import Spool
 
 log = logging.getLogger("osteoscreen.worker")
+
+
+class _Held:
+    """The job ids a worker still holds (the heartbeat renews them), shared between two threads."""
+
+    def __init__(self, ids):
+        self._ids, self._lock = set(ids), threading.Lock()
+
+    def snapshot(self) -> list[int]:
+        with self._lock:
+            return sorted(self._ids)
+
+    def discard(self, job_id: int) -> None:
+        with self._lock:
+            self._ids.discard(job_id)
+
+    def drop(self, ids: set[int]) -> set[int]:
+        """Forget these ids (their leases were lost); returns those that were still held."""
+        with self._lock:
+            still = ids & self._ids
+            self._ids -= still
+            return still
 
 
 class Worker:
@@ -71,55 +97,110 @@ class Worker:
                 self._stop.wait(self.settings.poll_seconds)
 
     def run_once(self) -> bool:
+        """Claim up to worker_batch_studies jobs and screen them (one model call for all their sites);
+        each job then completes or fails on its own. Returns whether any job was claimed."""
         s = self.settings
         with self.db.session() as session:
-            job = queue.claim_job(session, self.owner, s.lease_seconds, s.job_max_attempts)
-        if job is None:
+            jobs = queue.claim_jobs(session, self.owner, s.lease_seconds, s.job_max_attempts,
+                                    limit=s.worker_batch_studies)
+        if not jobs:
             return False
-        try:
-            with self._heartbeat(job.id):
-                self.process(job)
-        except Exception as exc:
-            log.exception("job %d failed", job.id)
-            with self.db.session() as session:
-                state = queue.fail_job(session, job.id, self.owner, f"{type(exc).__name__}: {exc}", s.job_max_attempts)
-            log.warning("job %d is %s after attempt %d", job.id, state, job.attempts)
+        with self._heartbeat([job.id for job in jobs]) as held:
+            loaded: list[tuple[Job, Study, list[StudyImage]]] = []
+            for job in jobs:
+                try:
+                    loaded.append((job, *self._load(job)))
+                except Exception as exc:
+                    self._fail(job, exc)
+                    held.discard(job.id)
+            # Grad-CAM and the display image only when a heatmap may be sent (under `positives` that is
+            # known only after screening).
+            out = s.output
+            heatmaps = out.heatmaps and out.policy != "sr_only"
+            if len(loaded) == 1:  # one study: the plain per-study path
+                try:
+                    screened = [screen_study(loaded[0][2], self.model, heatmaps=heatmaps)]
+                except Exception as exc:
+                    screened = [exc]
+            else:
+                screened = screen_studies([images for _, _, images in loaded], self.model, heatmaps=heatmaps,
+                                          return_exceptions=True) if loaded else []
+            for (job, study, images), results in zip(loaded, screened):
+                try:
+                    if isinstance(results, Exception):
+                        raise results
+                    self._complete(job, study, images, results, heatmaps)
+                except Exception as exc:
+                    self._fail(job, exc)
+                finally:
+                    held.discard(job.id)
         return True
 
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """Return one job to the queue with its error (set aside as failed after job_max_attempts)."""
+        log.error("job %d failed", job.id, exc_info=exc)
+        try:
+            with self.db.session() as session:
+                state = queue.fail_job(session, job.id, self.owner, f"{type(exc).__name__}: {exc}",
+                                       self.settings.job_max_attempts)
+            log.warning("job %d is %s after attempt %d", job.id, state, job.attempts)
+        except Exception:  # the lease expires and another worker retries it
+            log.exception("could not record the failure of job %d", job.id)
+
     @contextmanager
-    def _heartbeat(self, job_id: int):
-        """Renew the job's lease while we work, so a slow study is not taken over by another worker."""
+    def _heartbeat(self, job_ids: list[int]):
+        """Renew the leases of the jobs we hold while we work on them, so a slow batch is not taken
+        over by another worker. Yields the held set; discard a job from it once it is finished."""
+        held = _Held(job_ids)
         done = threading.Event()
 
         def beat() -> None:
             while not done.wait(self.settings.lease_seconds / 3):
-                with self.db.session() as session:
-                    if not queue.renew_lease(session, job_id, self.owner, self.settings.lease_seconds):
-                        return
+                ids = held.snapshot()
+                if not ids:
+                    return
+                try:
+                    with self.db.session() as session:
+                        renewed = queue.renew_leases(session, ids, self.owner, self.settings.lease_seconds)
+                        # not renewed: finished (by us, a moment ago) or taken over after our lease expired
+                        gone = held.drop(set(ids) - renewed)
+                        taken = queue.held_by_others(session, gone, self.owner)
+                except Exception:  # a database hiccup: try again at the next beat
+                    log.exception("lease renewal failed")
+                    continue
+                if taken:
+                    log.warning("lease lost on job(s) %s: another worker took them over (this one was "
+                                "silent longer than lease_seconds)", ", ".join(map(str, sorted(taken))))
 
-        thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+        thread = threading.Thread(target=beat, name=f"lease-{job_ids[0]}", daemon=True)
         thread.start()
         try:
-            yield
+            yield held
         finally:
             done.set()
             thread.join(timeout=5)
 
     # -- one study -------------------------------------------------------------------------
-    def process(self, job: Job) -> None:
-        """Screen the job's study; write the result objects the output policy asks for (none for a
-        negative study under `positives`), their deliveries and the findings (always)."""
-        out = self.settings.output
+    def _load(self, job: Job) -> tuple[Study, list[StudyImage]]:
         with self.db.session() as session:
             study = session.get(Study, job.study_id)
+            # images retention already removed are not screened again (the new report covers the rest)
             instances = session.scalars(select(Instance).where(Instance.study_id == study.id,
-                                                               Instance.eligible.is_(True))
+                                                               Instance.eligible.is_(True),
+                                                               Instance.purged_at.is_(None))
                                         .order_by(Instance.id)).all()
-        images = [StudyImage(dcmread(inst.path), inst.region, inst.view) for inst in instances]
-        # Grad-CAM and the display image only when a heatmap may be sent (under `positives` that is
-        # known only after screening).
-        heatmaps = out.heatmaps and out.policy != "sr_only"
-        results = screen_study(images, self.model, heatmaps=heatmaps)
+        return study, [StudyImage(dcmread(inst.path), inst.region, inst.view) for inst in instances]
+
+    def process(self, job: Job) -> None:
+        """Screen one claimed job's study and complete it (run_once does this for a batch)."""
+        study, images = self._load(job)
+        heatmaps = self.settings.output.heatmaps and self.settings.output.policy != "sr_only"
+        self._complete(job, study, images, screen_study(images, self.model, heatmaps=heatmaps), heatmaps)
+
+    def _complete(self, job: Job, study: Study, images: list[StudyImage], results: list, heatmaps: bool) -> None:
+        """Write the result objects the output policy asks for (none for a negative study under
+        `positives`), their deliveries and the findings (always), and mark the job done: one transaction."""
+        out = self.settings.output
         info = self.model.info
         site_findings = [f for r in results for f in r.sites]
         positive = bool(positive_findings(site_findings, out.positive_categories))

@@ -1,5 +1,6 @@
 """Send result objects to their destinations: claimed from the database, retried with exponential
-backoff and jitter, set aside as 'dead' after the configured number of attempts."""
+backoff and jitter, set aside as 'dead' after the configured number of attempts; a destination that
+keeps refusing associations is left alone for a while by its circuit breaker (``circuit.py``)."""
 from __future__ import annotations
 
 import logging
@@ -8,19 +9,68 @@ from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
 from ..config import Destination, Settings
 from ..node.sender import SendResult, send_files
 from ..store import queue
 from ..store.db import Database
 from ..store.models import Delivery, utcnow
+from . import circuit
 
 log = logging.getLogger("osteoscreen.dispatch")
+
+CLAIM_LEASE_SECONDS = 120.0
+# errors of node.sender that mean no association could be made (the destination is down or refuses us)
+ASSOCIATION_ERRORS = ("association failed", "association rejected", "association aborted")
 
 
 def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random = random.Random()) -> float:
     """Full-jitter exponential backoff: uniform in [base·2^(n−1)/2, base·2^(n−1)], capped."""
     ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+def association_outcome(results: list[SendResult], raised: bool = False) -> bool | None:
+    """True when the destination answered (an association was made, whatever the C-STORE statuses),
+    False when no association could be made, None when nothing was tried (every file unreadable)."""
+    if raised:
+        return False
+    if any(r.ok or r.status is not None or (r.error or "").startswith("not sent") for r in results):
+        return True
+    if any((r.error or "").startswith(ASSOCIATION_ERRORS + ("association lost", "no response")) for r in results):
+        return False
+    return None
+
+
+def claim_due(session: Session, limit: int = 16, lease_seconds: float = CLAIM_LEASE_SECONDS) -> list[Delivery]:
+    """Claim due deliveries (pending and due, or 'sending' whose sender died) to destinations whose
+    circuit lets us through; like queue.claim_deliveries plus the circuit filter, so that a backlog
+    for a destination that is down never crowds out the others."""
+    now = utcnow()
+    due = or_((Delivery.state == "pending") & (Delivery.next_attempt_at <= now),
+              (Delivery.state == "sending") & (Delivery.lease_expires_at < now))
+    admitted = Delivery.destination.not_in(circuit.blocked_destinations(now))
+    ids = session.scalars(select(Delivery.id).where(due, admitted).order_by(Delivery.next_attempt_at, Delivery.id)
+                          .limit(limit).with_for_update(skip_locked=True)).all()
+    claimed = []
+    for did in ids:
+        won = session.execute(update(Delivery).where(Delivery.id == did, due).values(
+            state="sending", lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
+        if won:
+            claimed.append(did)
+    session.commit()
+    return [session.get(Delivery, d) for d in claimed]
+
+
+def release(session: Session, items: list[Delivery]) -> None:
+    """Give claimed deliveries back untouched (no attempt spent): their circuit did not let us send."""
+    if items:
+        session.execute(update(Delivery).where(Delivery.id.in_([d.id for d in items]), Delivery.state == "sending")
+                        .values(state="pending", lease_expires_at=None))
+        for d in items:
+            session.expire(d)
 
 
 class Dispatcher:
@@ -30,33 +80,64 @@ class Dispatcher:
 
     def run_once(self) -> int:
         """Send what is due; returns how many objects were delivered."""
-        s = self.settings
         with self.db.session() as session:
-            claimed = queue.claim_deliveries(session, owner_lease_seconds=120)
+            claimed = claim_due(session)
             by_destination: dict[str, list[Delivery]] = defaultdict(list)
             for d in claimed:
                 by_destination[d.destination].append(d)
             delivered = 0
             for dest_text, items in by_destination.items():
-                paths = [Path(d.path) for d in items]
-                try:
-                    results = send_files(Destination.parse(dest_text), paths, s.ae_title)
-                except Exception as exc:  # never leave claimed deliveries stuck in 'sending'
-                    log.exception("sending to %s failed", dest_text)
-                    results = [SendResult(p, False, None, f"{type(exc).__name__}: {exc}") for p in paths]
-                for d, r in zip(items, results):
-                    d.attempts += 1
-                    if r.ok:
-                        d.state, d.delivered_at, d.last_error = "delivered", utcnow(), None
-                        delivered += 1
-                        queue.audit(session, "delivered", peer=dest_text, sop_instance_uid=d.sop_instance_uid)
-                    elif d.attempts >= s.dispatch_max_attempts:
-                        d.state, d.last_error = "dead", r.error
-                        log.error("delivery %d to %s dead after %d attempts: %s", d.id, dest_text, d.attempts, r.error)
-                    else:
-                        d.state, d.last_error = "pending", r.error
-                        d.next_attempt_at = utcnow() + timedelta(seconds=backoff_seconds(
-                            d.attempts, s.dispatch_backoff_seconds, s.dispatch_backoff_max_seconds))
-                        log.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest_text, d.attempts, r.error)
-                session.commit()
+                delivered += self._send_to(session, dest_text, items)
             return delivered
+
+    def _send_to(self, session: Session, dest_text: str, items: list[Delivery]) -> int:
+        s = self.settings
+        breaker = s.dispatch_circuit_failures > 0
+        probing = False
+        if breaker:
+            admission = circuit.admit(session, dest_text, CLAIM_LEASE_SECONDS)
+            if admission == "blocked":
+                release(session, items)
+                session.commit()
+                return 0
+            if admission == "probe":  # half-open: one object tells whether the destination is back
+                probing = True
+                release(session, items[1:])
+                items = items[:1]
+            session.commit()
+        paths = [Path(d.path) for d in items]
+        raised = False
+        try:
+            results = send_files(Destination.parse(dest_text), paths, s.ae_title, tls=s.tls)
+        except Exception as exc:  # never leave claimed deliveries stuck in 'sending'
+            log.exception("sending to %s failed", dest_text)
+            raised = True
+            results = [SendResult(p, False, None, f"{type(exc).__name__}: {exc}") for p in paths]
+        if breaker:
+            reached = association_outcome(results, raised)
+            if reached:
+                circuit.record_success(session, dest_text)
+            elif reached is False:
+                circuit.record_failure(session, dest_text, next((r.error for r in results if r.error), None),
+                                       threshold=s.dispatch_circuit_failures,
+                                       open_seconds=s.dispatch_circuit_open_seconds,
+                                       max_open_seconds=s.dispatch_backoff_max_seconds, probing=probing)
+        delivered = 0
+        for d, r in zip(items, results):
+            d.attempts += 1
+            d.lease_expires_at = None
+            if r.ok:  # success, or a C-STORE warning: the peer stored the object
+                d.state, d.delivered_at, d.last_error = "delivered", utcnow(), None
+                delivered += 1
+                queue.audit(session, "delivered", peer=dest_text, sop_instance_uid=d.sop_instance_uid,
+                            detail=None if r.status in (0, None) else f"status 0x{r.status:04X}")
+            elif d.attempts >= s.dispatch_max_attempts:
+                d.state, d.last_error = "dead", r.error
+                log.error("delivery %d to %s dead after %d attempts: %s", d.id, dest_text, d.attempts, r.error)
+            else:
+                d.state, d.last_error = "pending", r.error
+                d.next_attempt_at = utcnow() + timedelta(seconds=backoff_seconds(
+                    d.attempts, s.dispatch_backoff_seconds, s.dispatch_backoff_max_seconds))
+                log.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest_text, d.attempts, r.error)
+        session.commit()
+        return delivered

@@ -1,42 +1,205 @@
 """The Storage SCP: accept what modalities send, keep it durably, answer Success only after that.
 
 pynetdicom streams each C-STORE data set to a temporary file (STORE_RECV_CHUNKED_DATASET), so a 20 MB
-radiograph never sits in memory whole. The handler moves that file into the spool (fsync + rename),
-records the instance in the database, and only then returns 0x0000.
+radiograph never sits in memory whole. Here that file lives in the spool's tmp/ folder (same disk,
+so adopting it is a rename; nothing is written outside the storage folder) and stops growing past
+`max_dataset_bytes` or when the disk runs low. The handler checks the limits, reads the header,
+checks the pixel data's framing, moves the file into the spool (fsync + rename), records the
+instance in the database, and only then returns 0x0000. A refused or rejected data set leaves no
+file behind.
+
+Who may associate is decided by pynetdicom itself (`AE.require_calling_aet`,
+`AE.require_called_aet`); rejections and aborted associations are written to the audit table.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import struct
+import tempfile
 import threading
+import time
+from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse, dimse_messages, evt
 from pynetdicom.sop_class import Verification
+from sqlalchemy import func, select
 
 from ..config import Settings
 from ..pipeline.covariates import read_covariates
 from ..store import queue
 from ..store.db import Database
+from ..store.models import Job
 from ..store.spool import Spool
-from .routing import classify
+from . import tls as tls_contexts
+from .routing import Decision, classify
 from .transfer import ACCEPTED_TRANSFER_SYNTAXES
 
 log = logging.getLogger("osteoscreen.listener")
 
 _config.STORE_RECV_CHUNKED_DATASET = True  # bounded memory for large images
 _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's own logs would print dataset contents at debug level
+# pydicom's value validation on reading logs (and warns with) the offending raw value, which for a
+# garbled header can carry patient names and IDs: the node validates what it needs itself.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
+RX_PREFIX = "rx-"  # pynetdicom's receive files in spool/tmp
+STALE_RX_SECONDS = 600  # an rx file untouched this long belongs to no live association (timeouts are 60 s)
+DISK_CHECK_BYTES = 16 << 20  # while receiving, free space is checked every 16 MiB written
+QUEUE_DEPTH_TTL = 1.0  # seconds the queue depth is cached
+_HEADER_DEFER = 64 * 1024  # header values larger than this are not read into memory
+
+_REJECT_REASONS = {  # (result, source, diagnostic) of A-ASSOCIATE-RJ as pynetdicom 3.0 sends them
+    (0x01, 0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x03, 0x02): "too many associations (local limit exceeded)",
+    (0x02, 0x02, 0x01): "user identity not accepted",
+}
+
 
 def _valid_uid(value) -> bool:
     text = str(value or "")
     return 0 < len(text) <= 64 and UID(text).is_valid
+
+
+def _clip(value, n: int) -> str | None:
+    return str(value if value is not None else "")[:n] or None
+
+
+def _disk_low(folder: Path, min_free_mb: int) -> bool:
+    return min_free_mb > 0 and shutil.disk_usage(folder).free < min_free_mb * (1 << 20)
+
+
+class _ReceiveFile:
+    """What pynetdicom writes one C-STORE data set into (in place of its NamedTemporaryFile): a file in
+    spool/tmp that stops growing, is emptied and remembers why, once the data set passes the size limit
+    or the disk's free space falls below the watermark. pynetdicom writes the preamble, "DICM" and the
+    File Meta Information first (three writes) and then the data set fragments; only those count."""
+
+    def __init__(self, folder: Path, max_bytes: int, min_free_mb: int):
+        fd, name = tempfile.mkstemp(prefix=RX_PREFIX, suffix=".dcm", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.name = name
+        self.folder, self.max_bytes, self.min_free_mb = folder, max_bytes, min_free_mb
+        self.writes = 0
+        self.dataset_bytes = 0
+        self.refused: str | None = None
+
+    def write(self, data) -> int:
+        n = len(data)
+        self.writes += 1
+        if self.refused:
+            return n
+        if self.writes > 3:
+            before = self.dataset_bytes
+            self.dataset_bytes += n
+            if self.max_bytes and self.dataset_bytes > self.max_bytes:
+                return self._refuse("data set larger than max_dataset_bytes", n)
+            if before // DISK_CHECK_BYTES != self.dataset_bytes // DISK_CHECK_BYTES and \
+                    _disk_low(self.folder, self.min_free_mb):
+                return self._refuse("free disk space below min_free_disk_mb", n)
+        return self.file.write(data)
+
+    def _refuse(self, reason: str, n: int) -> int:
+        self.refused = reason
+        self.file.flush()
+        self.file.truncate(0)  # give the space back now; the handler answers 0xA700
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+
+def _guard_dimse_decoding() -> None:
+    """pynetdicom 3.0 lets an exception from decoding a P-DATA's DIMSE content (e.g. a command set
+    without Command Field) escape into the association's reader thread, which dies without an A-ABORT
+    or any event. Treat such a P-DATA as the invalid PDU it is (Evt19: A-ABORT, EVT_ABORTED) and drop
+    the half-received message with its receive file. Installed once per process."""
+    if getattr(dimse.DIMSEServiceProvider.receive_primitive, "_osteoscreen_guard", False):
+        return
+    original = dimse.DIMSEServiceProvider.receive_primitive
+
+    def receive_primitive(self, primitive):
+        try:
+            return original(self, primitive)
+        except Exception:
+            partial = getattr(self.message, "_data_set_file", None)
+            if partial is not None:
+                try:
+                    partial.close()
+                    os.unlink(partial.name)
+                except OSError:
+                    pass
+            self.message = None
+            self.assoc.dul.event_queue.put("Evt19")
+
+    receive_primitive._osteoscreen_guard = True
+    dimse.DIMSEServiceProvider.receive_primitive = receive_primitive
+
+
+def _read_pixel_header(fh, little_endian: bool, implicit_vr: bool) -> tuple[int, int, int] | None:
+    """At the file position where pydicom stopped (stop_before_pixels): (tag, value length, value offset)
+    of the element there, or None at the end of the data set."""
+    start = fh.tell()
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    e = "<" if little_endian else ">"
+    group, elem = struct.unpack(e + "HH", head[:4])
+    if implicit_vr:
+        length = struct.unpack(e + "L", head[4:8])[0]
+        offset = start + 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        more = fh.read(4)
+        if len(more) < 4:
+            return None
+        length = struct.unpack(e + "L", more)[0]
+        offset = start + 12
+    else:
+        length = struct.unpack(e + "H", head[6:8])[0]
+        offset = start + 8
+    return (group << 16) | elem, length, offset
+
+
+def _pixel_problem(ds, pixel: tuple[int, int, int] | None, size: int, syntax: UID) -> str | None:
+    """Why the Pixel Data element cannot be what the header and transfer syntax say, or None."""
+    if pixel is None or pixel[0] != 0x7FE00010:
+        return None  # no (integer) pixel data: routing decides whether that matters
+    _, length, offset = pixel
+    undefined = length == 0xFFFFFFFF
+    if syntax.is_compressed and not undefined:
+        return f"pixel data not encapsulated although the transfer syntax is {syntax.name}"
+    if not syntax.is_compressed and undefined:
+        return "encapsulated pixel data under an uncompressed transfer syntax"
+    if not undefined and offset + length > size:
+        return "pixel data length runs past the end of the data set"
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return "pixel data without a valid Rows, Columns or Bits Allocated"
+    if rows < 1 or cols < 1 or frames < 1 or samples < 1 or bits < 1:
+        return "image size is zero"
+    if not undefined:
+        expected = (rows * cols * samples * frames * bits + 7) // 8
+        if length < expected:
+            return (f"pixel data shorter ({length} bytes) than Rows x Columns x Samples x Frames x "
+                    f"Bits Allocated need ({expected})")
+    return None
 
 
 class Listener:
@@ -46,55 +209,217 @@ class Listener:
         self.spool = Spool(settings.spool_dir)
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = settings.max_pdu
-        self.ae.require_called_aet = False
+        self.ae.require_called_aet = settings.require_called_aet
+        self.ae.require_calling_aet = list(settings.allowed_calling_aets)
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-        self._server = None
+        self._servers = []
+        self.port: int | None = None
+        self.tls_port: int | None = None
         self.received = 0
         self._lock = threading.Lock()
+        self._depth = (0.0, 0)  # (monotonic time checked, queued + running jobs)
+        self._last_sweep = 0.0
+        self._original_tmpfile = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS)]
-        self._server = self.ae.start_server((self.settings.bind_address, self.settings.port), block=False,
-                                            evt_handlers=handlers)
-        self.port = self._server.server_address[1]
-        log.info("listening as %s on port %d", self.settings.ae_title, self.port)
+        s, t = self.settings, self.settings.tls
+        self._sweep_stale_rx(force=True)
+        _guard_dimse_decoding()
+        # pynetdicom creates its receive file with dimse_messages.NamedTemporaryFile: ours goes to the
+        # spool and is bounded. One listener per process owns this hook (the last one started).
+        self._original_tmpfile = dimse_messages.NamedTemporaryFile
+        dimse_messages.NamedTemporaryFile = self._new_receive_file
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted),
+                    (evt.EVT_CONN_CLOSE, self._on_conn_close), (evt.EVT_FSM_TRANSITION, self._on_transition)]
+        if not t.enabled or t.keep_plain_port:
+            server = self.ae.start_server((s.bind_address, s.port), block=False, evt_handlers=handlers)
+            self._servers.append(server)
+            self.port = server.server_address[1]
+            log.info("listening as %s on port %d", s.ae_title, self.port)
+        if t.enabled:
+            server = self.ae.start_server((s.bind_address, t.port), block=False, evt_handlers=handlers,
+                                          ssl_context=tls_contexts.server_context(t))
+            self._servers.append(server)
+            self.tls_port = server.server_address[1]
+            if self.port is None:
+                self.port = self.tls_port
+            log.info("listening as %s on TLS port %d (client certificate %s)", s.ae_title, self.tls_port,
+                     "required" if t.require_client_certificate else "optional")
+        if s.allowed_calling_aets:
+            log.info("accepting calling AE titles: %s", ", ".join(s.allowed_calling_aets))
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
+        if dimse_messages.NamedTemporaryFile == self._new_receive_file:
+            dimse_messages.NamedTemporaryFile = self._original_tmpfile
+
+    def _new_receive_file(self, *args, **kwargs) -> _ReceiveFile:
+        return _ReceiveFile(self.spool.tmp, self.settings.max_dataset_bytes, self.settings.min_free_disk_mb)
+
+    def _sweep_stale_rx(self, force: bool = False) -> None:
+        """Remove receive files left by associations that died mid-transfer (a crash, or a data set that
+        was queued but never handled); live ones are written to at least every network timeout."""
+        now = time.time()
+        if not force and now - self._last_sweep < 60:
+            return
+        self._last_sweep = now
+        for path in self.spool.tmp.glob(f"{RX_PREFIX}*"):
+            try:
+                if now - path.stat().st_mtime > STALE_RX_SECONDS:
+                    path.unlink()
+            except OSError:
+                pass
+
+    # -- association events ----------------------------------------------------------------
+    def _audit(self, event: str, peer: str | None, detail: str, sop_uid: str | None = None,
+               study_uid: str | None = None) -> None:
+        try:
+            with self.db.session() as session:
+                queue.audit(session, event, peer=(peer or None) and peer[:64], sop_instance_uid=sop_uid,
+                            study_uid=study_uid, detail=detail)
+                session.commit()
+        except Exception as exc:  # the audit must never take the listener down
+            log.error("cannot write audit event %s: %s", event, type(exc).__name__)
+
+    @staticmethod
+    def _peer(event) -> tuple[str | None, str]:
+        requestor = event.assoc.requestor
+        calling = (requestor.ae_title or "").strip() or None
+        address = getattr(requestor, "address", None) or "?"
+        return calling, str(address)
+
+    def _on_rejected(self, event) -> None:
+        rq = event.assoc.requestor.primitive
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip() or None
+        called = str(getattr(rq, "called_ae_title", "") or "").strip()
+        rj = getattr(event.assoc.acceptor, "primitive", None)
+        key = tuple(getattr(rj, name, None) for name in ("result", "result_source", "diagnostic"))
+        reason = _REJECT_REASONS.get(key)
+        if reason is None:  # derive it as pynetdicom does
+            if self.ae.require_calling_aet and calling not in [a.strip() for a in self.ae.require_calling_aet]:
+                reason = _REJECT_REASONS[(1, 1, 3)]
+            elif self.ae.require_called_aet and called != self.settings.ae_title.strip():
+                reason = _REJECT_REASONS[(1, 1, 7)]
+            else:
+                reason = "association rejected"
+        address = getattr(event.assoc.requestor, "address", None) or "?"
+        log.warning("association from %s (calling %s, called %s) rejected: %s", address, calling, called, reason)
+        self._audit("association_rejected", calling, f"{reason}; called AE {called!r}; from {address}")
+
+    def _on_aborted(self, event) -> None:
+        calling, address = self._peer(event)
+        log.warning("association from %s (%s) aborted", address, calling)
+        self._audit("association_aborted", calling, f"association aborted; from {address}")
+
+    def _on_transition(self, event) -> None:
+        # Evt19 is the state machine's "unrecognised or invalid PDU": junk on the port, before or during
+        # an association. pynetdicom answers it with A-ABORT; here it is recorded.
+        # (Sta13, awaiting the close after our A-ABORT, sees the rest of the junk: recorded once.)
+        if getattr(event, "fsm_event", None) == "Evt19" and getattr(event, "current_state", None) != "Sta13":
+            calling, address = self._peer(event)
+            log.warning("invalid PDU from %s (%s): association aborted", address, calling)
+            self._audit("invalid_pdu", calling, f"unrecognised or invalid PDU in state "
+                                                f"{getattr(event, 'current_state', '?')}; from {address}")
+
+    def _on_conn_close(self, event) -> None:
+        # A data set cut off mid-transfer (abort, dropped connection, junk) leaves pynetdicom's receive
+        # file open and never handled: remove it.
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if isinstance(partial, _ReceiveFile):
+            try:
+                partial.close()
+                os.unlink(partial.name)
+            except OSError:
+                pass
+            calling, address = self._peer(event)
+            self._audit("rejected", calling, f"connection closed in the middle of a data set; from {address}")
+        self._sweep_stale_rx()
+
+    # -- backpressure ----------------------------------------------------------------------
+    def _queue_depth(self) -> int:
+        checked, depth = self._depth
+        now = time.monotonic()
+        if now - checked > QUEUE_DEPTH_TTL:
+            with self.db.session() as session:
+                depth = session.scalar(select(func.count(Job.id)).where(Job.state.in_(("queued", "running"))))
+            self._depth = (now, depth)
+        return depth
+
+    def _resource_problem(self, event) -> str | None:
+        s = self.settings
+        rx = getattr(event.request, "_dataset_file", None)
+        if isinstance(rx, _ReceiveFile) and rx.refused:
+            return rx.refused
+        if s.max_dataset_bytes and os.path.getsize(event.dataset_path) > s.max_dataset_bytes + 64 * 1024:
+            return "data set larger than max_dataset_bytes"  # (receive file not ours: no exact count)
+        if _disk_low(self.spool.root, s.min_free_disk_mb):
+            return "free disk space below min_free_disk_mb"
+        if s.max_queued_jobs and self._queue_depth() >= s.max_queued_jobs:
+            return "screening queue at max_queued_jobs"
+        return None
 
     # -- C-STORE ---------------------------------------------------------------------------
     def _on_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title.strip() if event.assoc.requestor.ae_title else None
         tmp_path = event.dataset_path
         try:
-            ds = dcmread(tmp_path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+            return self._store(event, calling, tmp_path)
+        finally:
+            try:  # whatever happened, nothing is left in tmp/ (pynetdicom would also try)
+                os.unlink(tmp_path)
+            except OSError:
+                pass
+
+    def _store(self, event, calling: str | None, tmp_path: Path) -> int:
+        problem = self._resource_problem(event)
+        if problem:
+            return self._refuse(calling, problem)
+        syntax = UID(str(event.context.transfer_syntax))
+        try:
+            with open(tmp_path, "rb") as fh:
+                ds = dcmread(fh, stop_before_pixels=True, defer_size=_HEADER_DEFER)
+                pixel = None if syntax.is_deflated else _read_pixel_header(fh, syntax.is_little_endian,
+                                                                             syntax.is_implicit_VR)
+                size = os.fstat(fh.fileno()).st_size
+        except Exception as exc:  # pydicom raises many types for a damaged data set
             return self._reject(calling, None, f"undecodable data set: {type(exc).__name__}")
-        sop_uid, study_uid = ds.get("SOPInstanceUID"), ds.get("StudyInstanceUID")
-        if not (_valid_uid(sop_uid) and _valid_uid(study_uid) and _valid_uid(ds.get("SOPClassUID"))):
-            return self._reject(calling, None, "missing or invalid SOP/Study UID")
-        if str(sop_uid) != str(event.request.AffectedSOPInstanceUID):
-            return self._reject(calling, str(sop_uid), "SOPInstanceUID differs from the C-STORE request")
+        try:
+            sop_uid, study_uid = ds.get("SOPInstanceUID"), ds.get("StudyInstanceUID")
+            if not (_valid_uid(sop_uid) and _valid_uid(study_uid) and _valid_uid(ds.get("SOPClassUID"))):
+                return self._reject(calling, None, "missing or invalid SOP/Study UID")
+            if str(sop_uid) != str(event.request.AffectedSOPInstanceUID):
+                return self._reject(calling, str(sop_uid), "SOPInstanceUID differs from the C-STORE request")
+            problem = _pixel_problem(ds, pixel, size, syntax)
+            if problem:
+                return self._reject(calling, str(sop_uid), problem)
+            # Everything read from the header is read now, while the file is where pydicom saw it.
+            decision = classify(ds, self.settings.routing)
+            if decision.eligible and (pixel is None or pixel[0] != 0x7FE00010):
+                decision = Decision(False, decision.region, decision.view, "no pixel data")
+            cov = read_covariates(ds)
+            series_uid = ds.get("SeriesInstanceUID")
+            meta = queue.InstanceMeta(  # values clipped to their columns: a hostile header is no DB error
+                study_uid=str(study_uid), series_uid=str(series_uid) if _valid_uid(series_uid) else None,
+                sop_instance_uid=str(sop_uid), sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(syntax), modality=_clip(ds.get("Modality"), 16),
+                patient_id=_clip(ds.get("PatientID"), 64), patient_name=_clip(ds.get("PatientName"), 324),
+                accession_number=_clip(ds.get("AccessionNumber"), 16), study_date=_clip(ds.get("StudyDate"), 8),
+                age_years=cov.age_years, sex=cov.sex, bmi=cov.bmi, region=decision.region, view=decision.view,
+                eligible=decision.eligible, skip_reason=decision.reason)
+        except Exception as exc:  # a garbled value met while reading the header
+            return self._reject(calling, None, f"undecodable header value: {type(exc).__name__}")
         try:
             final = self.spool.adopt(tmp_path)
         except OSError as exc:  # disk full, permissions: the sender keeps the image and retries
             log.error("cannot spool instance %s: %s", sop_uid, exc.strerror)
-            return STATUS_OUT_OF_RESOURCES
-        decision = classify(ds, self.settings.routing)
-        cov = read_covariates(ds)
-        meta = queue.InstanceMeta(
-            study_uid=str(study_uid), series_uid=str(ds.get("SeriesInstanceUID", "")) or None,
-            sop_instance_uid=str(sop_uid), sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(event.context.transfer_syntax), modality=str(ds.get("Modality", "")) or None,
-            patient_id=str(ds.get("PatientID", "")) or None, patient_name=str(ds.get("PatientName", "")) or None,
-            accession_number=str(ds.get("AccessionNumber", "")) or None, study_date=str(ds.get("StudyDate", "")) or None,
-            age_years=cov.age_years, sex=cov.sex, bmi=cov.bmi, region=decision.region, view=decision.view,
-            eligible=decision.eligible, skip_reason=decision.reason)
+            return self._refuse(calling, f"cannot write to the spool: {exc.strerror}", str(sop_uid))
         try:
             with self.db.session() as session:
                 _, is_new = queue.record_instance(session, meta, str(final), calling)
@@ -120,3 +445,9 @@ class Listener:
             queue.audit(session, "rejected", peer=calling, sop_instance_uid=sop_uid, detail=reason)
             session.commit()
         return STATUS_CANNOT_UNDERSTAND
+
+    def _refuse(self, calling: str | None, reason: str, sop_uid: str | None = None) -> int:
+        """Out of resources (limits, backpressure): the sender should keep the image and retry later."""
+        log.warning("refused an instance from %s: %s", calling, reason)
+        self._audit("refused", calling, reason, sop_uid=sop_uid)
+        return STATUS_OUT_OF_RESOURCES

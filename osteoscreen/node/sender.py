@@ -1,4 +1,8 @@
-"""The Storage SCU: send files to a peer, one association per batch, a status per file."""
+"""The Storage SCU: send files to a peer, one association per batch, a status per file.
+
+A destination marked `tls` (AET@HOST:PORT?tls) is reached over DICOM TLS: its certificate is checked
+against the `tls` settings' CA bundle (the system store when none) and host name, and the node's own
+certificate is presented when one is configured (node/tls.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from ..config import Destination
+from ..config import TLS, Destination
+from . import tls as tls_contexts
 
 # C-STORE warning statuses mean the peer stored the object (PS3.4 B.2.3).
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
@@ -23,11 +28,20 @@ class SendResult:
     error: str | None
 
 
-def echo(destination: Destination, ae_title: str = "OSTEOSCREEN", timeout: float = 10) -> bool:
+def _tls_args(destination: Destination, tls: TLS | None):
+    """pynetdicom's tls_args for a TLS destination (None for a plain one)."""
+    if not destination.tls:
+        return None
+    return tls_contexts.client_context(tls), destination.host
+
+
+def echo(destination: Destination, ae_title: str = "OSTEOSCREEN", timeout: float = 10,
+         tls: TLS | None = None) -> bool:
     ae = AE(ae_title=ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=_tls_args(destination, tls))
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()
@@ -36,10 +50,10 @@ def echo(destination: Destination, ae_title: str = "OSTEOSCREEN", timeout: float
 
 
 def send_files(destination: Destination, paths: list[Path], ae_title: str = "OSTEOSCREEN",
-               timeout: float = 30) -> list[SendResult]:
+               timeout: float = 30, tls: TLS | None = None) -> list[SendResult]:
     """Send each file; a failed association fails every file with the reason. Never raises for a
     peer's or a file's fault: an unreadable file, or a SOP class the peer did not accept, fails
-    that file alone with the reason."""
+    that file alone with the reason. `tls` (the node's TLS settings) is used for a TLS destination."""
     results: dict[Path, SendResult] = {}
     headers = []
     for p in map(Path, paths):
@@ -56,8 +70,9 @@ def send_files(destination: Destination, paths: list[Path], ae_title: str = "OST
         syntaxes = sorted({t for c, t in contexts if c == sop_class} | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
         ae.add_requested_context(sop_class, syntaxes)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    except (OSError, RuntimeError) as exc:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=_tls_args(destination, tls))
+    except (OSError, RuntimeError, ValueError) as exc:  # incl. ssl.SSLError (an OSError): bad CA/key files
         assoc, failure = None, f"association failed: {exc}"
     else:
         if not assoc.is_established:

@@ -1,5 +1,6 @@
 """Screen the images of one study: decode → locate sites → gate → model (one batch) → Grad-CAM →
-out-of-distribution gate → fuse the views of a site.
+out-of-distribution gate → fuse the views of a site. `screen_studies` does several studies with one
+model call for all their sites (a worker's batch of jobs), each study's findings as if alone.
 
 Pure: no network, no database. Takes pydicom datasets with their routing decision (region, view),
 returns one ImageResult per image with a SiteFinding per expected site. The gates are described in
@@ -188,10 +189,9 @@ def _finish(result: ImageResult) -> None:
             :result.display.shape[0], :result.display.shape[1]]
 
 
-def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = True,
-                 feather: float = HEATMAP_FEATHER) -> list[ImageResult]:
-    """feather: the heatmap's fade towards each crop's border (0 keeps the raw Grad-CAM, as
-    training.cam_check measures it)."""
+def _prepare(images: list[StudyImage], heatmaps: bool) -> tuple[list[ImageResult], list[_Pending]]:
+    """Decode, locate and gate a study's images: one ImageResult per image, and the sites that wait
+    for the model."""
     results: list[ImageResult] = []
     pending: list[_Pending] = []
     for item in images:
@@ -217,11 +217,64 @@ def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = 
             result.display_scale = rad.scale * factor
             result.heatmap = np.zeros(rad.pixels.shape, dtype=np.float32)
         pending += _locate_and_gate(ds, item, rad, result, sites)
-    evidence = _score(pending, model, heatmaps, feather) if pending else {}
+    return results, pending
+
+
+def _conclude(results: list[ImageResult], evidence: dict[int, np.ndarray]) -> list[ImageResult]:
     fuse_views(results, evidence)
     for result in results:
         _finish(result)
     return results
+
+
+def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = True,
+                 feather: float = HEATMAP_FEATHER) -> list[ImageResult]:
+    """feather: the heatmap's fade towards each crop's border (0 keeps the raw Grad-CAM, as
+    training.cam_check measures it)."""
+    results, pending = _prepare(images, heatmaps)
+    evidence = _score(pending, model, heatmaps, feather) if pending else {}
+    return _conclude(results, evidence)
+
+
+def screen_studies(studies: list[list[StudyImage]], model: LoadedModel, heatmaps: bool = True,
+                   feather: float = HEATMAP_FEATHER, return_exceptions: bool = False) -> list:
+    """Several studies with one model call for all their sites (what a worker that claimed several
+    jobs runs). Each study's results are those `screen_study` gives it alone: the network sees every
+    crop independently (eval mode; Grad-CAM's gradient of one crop's score reaches only that crop),
+    and view fusion stays within a study.
+
+    return_exceptions: a study whose images cannot be screened gets its exception in its place in
+    the returned list instead of raising, so the others still complete (a worker fails only that
+    job). Should the shared model call itself fail, each study is scored alone to find the culprit."""
+    prepared: list = []
+    for images in studies:
+        try:
+            prepared.append(_prepare(images, heatmaps))
+        except Exception as exc:
+            if not return_exceptions:
+                raise
+            prepared.append(exc)
+    batch = [p for prep in prepared if not isinstance(prep, Exception) for p in prep[1]]
+    try:
+        evidence = _score(batch, model, heatmaps, feather) if batch else {}
+    except Exception:
+        if not return_exceptions:
+            raise
+        evidence = None  # score study by study below
+    out: list = []
+    for prep in prepared:
+        if isinstance(prep, Exception):
+            out.append(prep)
+            continue
+        results, pending = prep
+        try:
+            own = evidence if evidence is not None else (_score(pending, model, heatmaps, feather) if pending else {})
+            out.append(_conclude(results, own))
+        except Exception as exc:
+            if not return_exceptions:
+                raise
+            out.append(exc)
+    return out
 
 
 def screen_image(ds: Dataset, region: str, view: str, model: LoadedModel, heatmaps: bool = True,

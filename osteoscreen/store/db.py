@@ -1,14 +1,33 @@
-"""Engine and sessions. SQLite gets WAL and a busy timeout so that roles in one process (and a
-second process reading the database) do not trip over each other; PostgreSQL needs nothing special."""
+"""Engine, sessions and the schema. SQLite gets WAL and a busy timeout so that roles in one process
+(and a second process reading the database) do not trip over each other; PostgreSQL needs nothing
+special.
+
+The schema is Alembic's (``migrations/``, packaged with osteoscreen): ``upgrade(url)`` brings any
+database to the newest revision: an empty one is created by the migrations, one made by an older
+osteoscreen with ``create_all`` (no ``alembic_version`` table) is stamped with the initial revision
+and upgraded from there. Concurrent starts (several roles, several hosts) take a lock first: an
+advisory lock on PostgreSQL, a lock file beside the SQLite database.
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
+from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Base
+log = logging.getLogger("osteoscreen.store")
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+INITIAL_REVISION = "0001"  # the schema create_all made before migrations existed
+_PG_LOCK_KEY = 0x05_7E_05_C2  # pg_advisory_lock key: "osteoscreen schema"
+
+
+class SchemaError(RuntimeError):
+    """The database cannot be brought to this version's schema (e.g. it is newer)."""
 
 
 def make_engine(url: str) -> Engine:
@@ -31,14 +50,118 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-class Database:
-    """One engine and its session factory; create tables on first use (migrations come with Alembic)."""
+def alembic_config(url: str | None = None, connection: Connection | None = None):
+    from alembic.config import Config
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
 
-    def __init__(self, url: str):
+
+@lru_cache(maxsize=1)
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    from alembic.migration import MigrationContext
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextlib.contextmanager
+def _schema_lock(engine: Engine, conn: Connection):
+    """Serialise schema changes between processes starting at the same time."""
+    if engine.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+            conn.commit()
+    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        import fcntl
+        with open(f"{engine.url.database}.migrate-lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+def upgrade_engine(engine: Engine) -> tuple[str | None, str]:
+    """Bring the database behind engine to the head revision; returns (revision before, head)."""
+    from alembic import command
+    head = head_revision()
+    with engine.connect() as conn:
+        before = current_revision(conn)
+        conn.rollback()
+        if before == head:
+            return before, head  # the common case, without a lock
+        with _schema_lock(engine, conn):
+            before = current_revision(conn)
+            tables = set(inspect(conn).get_table_names())
+            conn.rollback()
+            cfg = alembic_config(connection=conn)
+            if before is None and "studies" in tables:
+                # made by create_all before migrations existed: that schema is the initial revision
+                log.info("database has no schema revision: stamping %s", INITIAL_REVISION)
+                command.stamp(cfg, INITIAL_REVISION)
+                conn.commit()
+                before = INITIAL_REVISION
+            if before is not None and before != head:
+                from alembic.script import ScriptDirectory
+                try:
+                    ScriptDirectory.from_config(cfg).get_revision(before)
+                except Exception as exc:
+                    raise SchemaError(f"database schema revision {before!r} is unknown to this osteoscreen "
+                                      f"(newest known: {head}); is it from a newer version?") from exc
+            if before != head:
+                log.info("upgrading database schema %s -> %s", before or "(empty)", head)
+                command.upgrade(cfg, "head")
+                conn.commit()
+    return before, head
+
+
+def upgrade(url: str) -> tuple[str | None, str]:
+    """`osteoscreen db upgrade`: migrate the database at url to head."""
+    engine = make_engine(url)
+    try:
+        return upgrade_engine(engine)
+    finally:
+        engine.dispose()
+
+
+class Database:
+    """One engine and its session factory. On start the schema is brought to the head revision
+    (migrate=False: only checked, SchemaError when it is behind — for sites that migrate by hand)."""
+
+    def __init__(self, url: str, migrate: bool = True):
         self.url = url
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        try:
+            self._check_schema(migrate)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _check_schema(self, migrate: bool) -> None:
+        if migrate:
+            upgrade_engine(self.engine)
+        else:
+            with self.engine.connect() as conn:
+                found = current_revision(conn)
+            if found != head_revision():
+                raise SchemaError(f"database schema is at {found or 'no revision'}, this osteoscreen needs "
+                                  f"{head_revision()}: run `osteoscreen db upgrade`")
 
     def session(self) -> Session:
         return self.sessions()

@@ -59,6 +59,8 @@ class Instance(Base):
     eligible: Mapped[bool] = mapped_column(Boolean, default=False)
     skip_reason: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # set when retention removed the spool file (the row, and what was learnt from it, stay)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime)
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
@@ -109,8 +111,28 @@ class Delivery(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # set when retention removed the outbox file of this delivered object (it can no longer be re-sent)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime)
     __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),
                       Index("ux_delivery_object_dest", "sop_instance_uid", "destination", unique=True))
+
+
+class DestinationCircuit(Base):
+    """Circuit breaker of one destination, shared by every dispatcher process through the database.
+
+    closed: send as usual. After `dispatch_circuit_failures` consecutive association-level failures
+    the circuit is open: nothing is sent there until retry_at. Then one dispatcher wins the half-open
+    probe (a single object; retry_at becomes the probe's lease); success closes the circuit, failure
+    opens it again for longer."""
+
+    __tablename__ = "destination_circuits"
+    destination: Mapped[str] = mapped_column(String(128), primary_key=True)  # AET@HOST:PORT
+    state: Mapped[str] = mapped_column(String(16), default="closed")  # closed|open|half_open
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime)
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime)  # open: probe allowed from; half_open: probe lease
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class AuditEvent(Base):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import AuditEvent, Delivery, Finding, Instance, Job, Study, utcnow
@@ -43,12 +44,19 @@ def record_instance(session: Session, meta: InstanceMeta, path: str, calling_ae:
     study = session.scalar(select(Study).where(Study.study_uid == meta.study_uid))
     now = utcnow()
     if study is None:
-        study = Study(study_uid=meta.study_uid, patient_id=meta.patient_id, patient_name=meta.patient_name,
-                      accession_number=meta.accession_number, study_date=meta.study_date,
-                      patient_age_years=meta.age_years, patient_sex=meta.sex, patient_bmi=meta.bmi,
-                      calling_ae=calling_ae, status="receiving", first_received_at=now, last_received_at=now)
-        session.add(study)
-        session.flush()
+        try:  # in a savepoint: another listener may be inserting the same new study right now
+            with session.begin_nested():
+                study = Study(study_uid=meta.study_uid, patient_id=meta.patient_id, patient_name=meta.patient_name,
+                              accession_number=meta.accession_number, study_date=meta.study_date,
+                              patient_age_years=meta.age_years, patient_sex=meta.sex, patient_bmi=meta.bmi,
+                              calling_ae=calling_ae, status="receiving", first_received_at=now,
+                              last_received_at=now)
+                session.add(study)
+                session.flush()
+        except IntegrityError:  # it won (PostgreSQL waited for its commit): file the image under its row
+            study = session.scalar(select(Study).where(Study.study_uid == meta.study_uid))
+            if study is None:
+                raise
     existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
     if existing is not None:
         return existing, False
@@ -93,37 +101,80 @@ def settle_studies(session: Session, settle_seconds: float, now: datetime | None
     return created
 
 
-def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
-    """Claim the oldest queued job, or one whose lease expired (its worker died)."""
+def claim_jobs(session: Session, owner: str, lease_seconds: float, max_attempts: int, limit: int) -> list[Job]:
+    """Claim up to `limit` of the oldest claimable jobs: queued, or running with an expired lease (their
+    worker died). On PostgreSQL the candidates are locked with FOR UPDATE SKIP LOCKED, so concurrent
+    workers take disjoint sets without waiting; on SQLite (where that clause is a no-op) each job is
+    won by a conditional UPDATE whose row count says whether this caller got it. Returns the jobs won,
+    oldest first (possibly fewer than the candidates when another worker was faster).
+
+    A job tried before (it failed, or its worker died holding it) is claimed alone: a study that kills
+    its worker process takes the jobs batched with it down once, never again, and is then retried on
+    its own until set aside after max_attempts."""
     now = utcnow()
     claimable = or_(Job.state == "queued", (Job.state == "running") & (Job.lease_expires_at < now))
-    candidate = session.scalar(select(Job.id).where(claimable, Job.attempts < max_attempts)
-                               .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
-    if candidate is None:
-        session.commit()  # end the transaction; a rollback would expire objects the caller holds
-        return None
-    won = session.execute(update(Job).where(Job.id == candidate, claimable)
-                          .values(state="running", lease_owner=owner, attempts=Job.attempts + 1,
-                                  lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
-    session.commit()
+    rows = session.execute(select(Job.id, Job.attempts).where(claimable, Job.attempts < max_attempts)
+                           .order_by(Job.id).limit(max(1, limit)).with_for_update(skip_locked=True)).all()
+    if rows and rows[0].attempts > 0:
+        candidates = [rows[0].id]
+    else:
+        candidates = [r.id for r in rows if r.attempts == 0]
+    won = []
+    for job_id in candidates:
+        if session.execute(update(Job).where(Job.id == job_id, claimable)
+                           .values(state="running", lease_owner=owner, attempts=Job.attempts + 1,
+                                   lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount:
+            won.append(job_id)
+    session.commit()  # also ends an empty transaction; a rollback would expire objects the caller holds
     if not won:
-        return None
-    return session.get(Job, candidate)
+        return []
+    return list(session.scalars(select(Job).where(Job.id.in_(won)).order_by(Job.id)
+                                .execution_options(populate_existing=True)).all())
+
+
+def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
+    """Claim the oldest queued job, or one whose lease expired (its worker died)."""
+    jobs = claim_jobs(session, owner, lease_seconds, max_attempts, limit=1)
+    return jobs[0] if jobs else None
 
 
 def renew_lease(session: Session, job_id: int, owner: str, lease_seconds: float) -> bool:
-    won = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
-                          .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))).rowcount
+    return bool(renew_leases(session, [job_id], owner, lease_seconds))
+
+
+def renew_leases(session: Session, job_ids: list[int], owner: str, lease_seconds: float) -> set[int]:
+    """Extend the leases this owner still holds among job_ids (one statement); returns those renewed.
+    A job missing from the answer was finished or taken over by another worker after its lease expired."""
+    if not job_ids:
+        return set()
+    renewed = session.scalars(update(Job).where(Job.id.in_(list(job_ids)), Job.lease_owner == owner,
+                                                Job.state == "running")
+                              .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                              .returning(Job.id)).all()
     session.commit()
-    return bool(won)
+    return set(renewed)
+
+
+def held_by_others(session: Session, job_ids: list[int] | set[int], owner: str) -> set[int]:
+    """Those of job_ids whose lease another worker holds now (it took them over after ours expired)."""
+    if not job_ids:
+        return set()
+    ids = set(session.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), Job.lease_owner.is_not(None),
+                                                   Job.lease_owner != owner)).all())
+    session.commit()
+    return ids
 
 
 def fail_job(session: Session, job_id: int, owner: str, error: str, max_attempts: int) -> str:
     """Return the job to the queue, or set it aside as failed after max_attempts. Returns the new state."""
     job = session.get(Job, job_id)
     state = "failed" if job.attempts >= max_attempts else "queued"
-    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
-                    .values(state=state, error=error[:4000], lease_owner=None, lease_expires_at=None))
+    won = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+                           .values(state=state, error=error[:4000], lease_owner=None,
+                                   lease_expires_at=None)).rowcount
+    if not won:  # the lease was lost: the job belongs to another worker now, leave it (and its study) alone
+        session.rollback()
+        return job.state
     if state == "failed":
         session.execute(update(Study).where(Study.id == job.study_id).values(status="failed"))
     session.commit()
