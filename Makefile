@@ -22,8 +22,8 @@ demo: install
 # Orthanc (the PACS of tests/test_orthanc.py, which starts its own; Orthanc is in /usr/sbin, not in every PATH).
 system-deps:
 	@if ! command -v storescp >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v dcmcjpls >/dev/null \
-	    || ! { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools orthanc; fi
+	    || ! command -v openssl >/dev/null || ! { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools orthanc openssl; fi
 
 test: install system-deps
 	$(BIN)/pytest -q

@@ -299,3 +299,22 @@ def test_no_patient_data_in_the_log(tmp_path, make_node, caplog, pki):
         ds = im.dataset
         for value in (str(ds.PatientID), str(ds.PatientName), str(ds.PatientName).split("^")[0]):
             assert value not in caplog.text
+
+
+def test_a_pdu_longer_than_the_limit_is_not_read(make_node):
+    """A peer announcing a 200 MB PDU is cut off at once (pynetdicom alone would wait to read it
+    whole into memory); the listener stays up."""
+    import socket
+    import struct
+    import time
+
+    node = make_node(max_pdu=65536)
+    with socket.create_connection(("127.0.0.1", node.listener.port), timeout=10) as sock:
+        sock.sendall(b"\x01\x00" + struct.pack(">L", 200_000_000) + b"\x00" * 1024)
+        start = time.monotonic()
+        try:
+            closed = sock.recv(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            closed = True
+        assert closed and time.monotonic() - start < 5
+    assert echoscu(node.listener.port).returncode == 0

@@ -149,6 +149,35 @@ def _guard_dimse_decoding() -> None:
     dimse.DIMSEServiceProvider.receive_primitive = receive_primitive
 
 
+# An association PDU (A-ASSOCIATE-RQ with many presentation contexts) may exceed the negotiated
+# maximum, which binds only P-DATA; this much is always allowed.
+PDU_FLOOR_BYTES = 1 << 20
+
+
+def _guard_pdu_length(max_pdu: int) -> None:
+    """pynetdicom reads a PDU whole into memory, whatever length its header announces (up to 4 GiB),
+    and does not hold peers to the maximum PDU length we announced. Refuse to read a PDU longer than
+    max(max_pdu + header, PDU_FLOOR_BYTES): the read fails as a closed connection (Evt17), the
+    association ends and the listener records it. 0 leaves pynetdicom as it is. Process-wide (the
+    dispatcher's associations are held to the same bound), installed with the listener."""
+    from pynetdicom.transport import AssociationSocket
+
+    original = getattr(AssociationSocket.recv, "_osteoscreen_original", AssociationSocket.recv)
+    if not max_pdu:
+        AssociationSocket.recv = original
+        return
+    limit = max(max_pdu + 6, PDU_FLOOR_BYTES)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > limit:
+            log.warning("peer announced a PDU of %d bytes (limit %d): connection closed", nr_bytes, limit)
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {limit}")
+        return original(self, nr_bytes)
+
+    recv._osteoscreen_original = original
+    AssociationSocket.recv = recv
+
+
 def _read_pixel_header(fh, little_endian: bool, implicit_vr: bool) -> tuple[int, int, int] | None:
     """At the file position where pydicom stopped (stop_before_pixels): (tag, value length, value offset)
     of the element there, or None at the end of the data set."""
@@ -228,6 +257,7 @@ class Listener:
         s, t = self.settings, self.settings.tls
         self._sweep_stale_rx(force=True)
         _guard_dimse_decoding()
+        _guard_pdu_length(s.max_pdu)
         # pynetdicom creates its receive file with dimse_messages.NamedTemporaryFile: ours goes to the
         # spool and is bounded. One listener per process owns this hook (the last one started).
         self._original_tmpfile = dimse_messages.NamedTemporaryFile
