@@ -84,9 +84,12 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, val_fraction=args.val_fraction, version=args.version,
                       tta=not args.no_tta, cam_guidance=args.cam_guidance,
+                      cam_guidance_warmup=args.cam_guidance_warmup,
                       **({} if args.t_loss_weight is None else {"t_loss_weight": args.t_loss_weight}))
     if args.cam_guidance < 0:
         raise UsageError("--cam-guidance must be >= 0")
+    if not 0 <= args.cam_guidance_warmup <= 1:
+        raise UsageError("--cam-guidance-warmup must be between 0 and 1")
     holdout: dict[str, list[Path]] = {}
     for spec in args.holdout or []:  # NAME=CSV names a hold-out set; plain CSVs form the set "holdout"
         name, _, path = spec.rpartition("=") if "=" in spec else ("holdout", "", spec)
@@ -256,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam-guidance", type=float, default=0.0,
                    help="weight of a penalty on Grad-CAM mass off bone, for crops whose manifest row names a "
                    "bone_mask (synth --bone-masks; 0: off)")
+    p.add_argument("--cam-guidance-warmup", type=float, default=0.25,
+                   help="share of the epochs over which the guidance weight ramps up from 0 (default 0.25)")
     p.add_argument("--t-loss-weight", type=float, help="weight of the T-score loss against the class loss "
                    "(default: TrainConfig's)")
     p.add_argument("--no-tta", action="store_true", help="score without test-time augmentation")

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = PROJECT_ROOT / "models" / "osteoscreen-v0.2.pt"
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "osteoscreen-v0.3.pt"
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,7 @@ B=${BUILD:-build/shipped}
 VERSION=${VERSION:-0.3.0}
 NAME=osteoscreen-v${VERSION%.*}
 HIP=${HIP:-800} HIP2=${HIP2:-1200} LUMBAR=${LUMBAR:-400} LUMBAR2=${LUMBAR2:-600} EPOCHS=${EPOCHS:-40}
-T_WEIGHT=${T_WEIGHT:-3} CAM_GUIDANCE=${CAM_GUIDANCE:-0.5} HELD_HIP=${HELD_HIP:-150} HELD_LUMBAR=${HELD_LUMBAR:-75}
+T_WEIGHT=${T_WEIGHT:-3} CAM_GUIDANCE=${CAM_GUIDANCE:-0.5} CAM_WARMUP=${CAM_WARMUP:-0} HELD_HIP=${HELD_HIP:-150} HELD_LUMBAR=${HELD_LUMBAR:-75}
 rm -rf "$B"
 # two generators at a time (one per core); `wait PID` passes a failure on to set -e
 synth() { $OS synth --quiet "$@" > /dev/null; }
@@ -35,7 +35,7 @@ $OS train --manifest "$B/train/hip/manifest.csv" --manifest "$B/train/lumbar/man
           --manifest "$B/train/hip2/manifest.csv" --manifest "$B/train/lumbar2/manifest.csv" \
           --holdout "$B/holdout/hip/manifest.csv" --holdout "$B/holdout/lumbar/manifest.csv" \
           --holdout "holdout_profile=$B/profile/hip/manifest.csv" --holdout "holdout_profile=$B/profile/lumbar/manifest.csv" \
-          --epochs "$EPOCHS" --t-loss-weight "$T_WEIGHT" --cam-guidance "$CAM_GUIDANCE" --seed 0 --version "$VERSION" --out "$B/model"
+          --epochs "$EPOCHS" --t-loss-weight "$T_WEIGHT" --cam-guidance "$CAM_GUIDANCE" --cam-guidance-warmup "$CAM_WARMUP" --seed 0 --version "$VERSION" --out "$B/model"
 # the node's view: the whole pipeline (gates, fusion) over the hold-outs, one row per study site
 for SET in holdout profile; do
   $OS score --manifest "$B/$SET/hip/manifest.csv" --manifest "$B/$SET/lumbar/manifest.csv" \
@@ -53,7 +53,7 @@ sed -e "s|are in \`plots/\` beside the training output.|are in \`models/$NAME-pl
   $OS evaluate "$B/model/node_profile.csv"
   printf '```\n'
 } >> "models/$NAME.md"
-printf '\nReproduce: `make model` (scripts/train_shipped_model.sh: HIP=%s+%s LUMBAR=%s+%s EPOCHS=%s T_WEIGHT=%s CAM_GUIDANCE=%s).\n' "$HIP" "$HIP2" "$LUMBAR" "$LUMBAR2" "$EPOCHS" "$T_WEIGHT" "$CAM_GUIDANCE" >> "models/$NAME.md"
+printf '\nReproduce: `make model` (scripts/train_shipped_model.sh: HIP=%s+%s LUMBAR=%s+%s EPOCHS=%s T_WEIGHT=%s CAM_GUIDANCE=%s CAM_WARMUP=%s).\n' "$HIP" "$HIP2" "$LUMBAR" "$LUMBAR2" "$EPOCHS" "$T_WEIGHT" "$CAM_GUIDANCE" "$CAM_WARMUP" >> "models/$NAME.md"
 rm -rf "models/$NAME-plots" && cp -r "$B/model/plots" "models/$NAME-plots"
 cp "$B/model/metrics.json" "models/$NAME-metrics.json"
 cp "$B/model/node_holdout_report.json" "models/$NAME-node-holdout.json"

@@ -111,8 +111,12 @@ def test_train_with_cam_guidance_records_it(tmp_path):
                  "--val-fraction", "0.34", "--cam-guidance", "0.5", "--quiet"]) == 0
     ckpt = torch.load(out / "model.pt", weights_only=False)
     assert ckpt["train_config"]["cam_guidance"] == 0.5 and ckpt["trained_on"]["n_masked"] == 4
-    assert "Grad-CAM guidance (weight 0.5)" in (out / "model_card.md").read_text()
+    assert ckpt["train_config"]["cam_guidance_warmup"] == 0.25
+    assert "Grad-CAM guidance (weight 0.5, reached linearly over the first 25% of the epochs)" in (
+        out / "model_card.md").read_text()
     assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--cam-guidance", "-1"]) == 2
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "bad"), "--cam-guidance", "1",
+                 "--cam-guidance-warmup", "2"]) == 2
 
 
 def test_edge_taper_and_feathered_paste():

@@ -15,7 +15,7 @@ zero elsewhere):
   map that ignores anatomy (flat, or uniformly random);
 - pointing hit: whether the CAM's peak lies on bone (mask >= 0.5); its chance rate is `chance` too.
 
-    python -m osteoscreen.training.cam_check --model models/osteoscreen-v0.2.pt --studies 20 --json
+    python -m osteoscreen.training.cam_check --model models/osteoscreen-v0.3.pt --studies 20 --json
 """
 from __future__ import annotations
 

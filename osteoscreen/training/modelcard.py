@@ -84,7 +84,8 @@ def _guidance(cfg: dict, trained: dict) -> str:
     weight = cfg.get("cam_guidance", 0.0)
     if not weight:
         return ""
-    return (f"\n- Grad-CAM guidance (weight {weight}): on the {trained.get('n_masked', 'n/a')} training crops that came with a "
+    return (f"\n- Grad-CAM guidance (weight {weight}, reached linearly over the first "
+            f"{cfg.get('cam_guidance_warmup', 0):.0%} of the epochs): on the {trained.get('n_masked', 'n/a')} training crops that came with a "
             "bone mask, the share of the Grad-CAM mass (the map the node draws, for the true class) lying off "
             "bone was added to the loss, so the model learnt to take its evidence from bone. The Grad-CAM "
             "figures of this model are therefore partly a training target: they show that it looks at bone, "

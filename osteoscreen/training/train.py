@@ -43,6 +43,9 @@ class TrainConfig:
     t_loss_weight: float = 1.0
     covariate_dropout: float = 0.15  # per covariate, set to "missing" so the model copes with absent headers
     cam_guidance: float = 0.0  # weight of the Grad-CAM-off-bone penalty on crops with a bone mask (0: off)
+    # the weight ramps up linearly over this share of the epochs: an untrained network's Grad-CAM
+    # means nothing, and penalising it from the start fights the class signal
+    cam_guidance_warmup: float = 0.25
     tta: bool = True
     ood_quantile: float = 0.995  # of validation distances, times ood_margin, is the gate's threshold
     ood_margin: float = 1.15
@@ -301,7 +304,8 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
             guided = (has_mask[idx].to(device) & (metal == 0)) if guide else None
             if guided is not None and guided.any():
                 off_bone = cam_off_bone(net, early, fmap, logits, yb, mb.to(device))
-                loss = loss + cfg.cam_guidance * off_bone[guided].mean()
+                ramp = min(1.0, (epoch + step / steps_per_epoch) / max(1e-9, cfg.cam_guidance_warmup * cfg.epochs))
+                loss = loss + cfg.cam_guidance * ramp * off_bone[guided].mean()
             if net.implant is not None:
                 loss = loss + F.binary_cross_entropy_with_logits(implant_logit, metal.float())
             opt.zero_grad()
