@@ -15,7 +15,7 @@ B=${BUILD:-build/shipped}
 VERSION=${VERSION:-0.3.0}
 NAME=osteoscreen-v${VERSION%.*}
 HIP=${HIP:-800} HIP2=${HIP2:-1200} LUMBAR=${LUMBAR:-400} LUMBAR2=${LUMBAR2:-600} EPOCHS=${EPOCHS:-40}
-T_WEIGHT=${T_WEIGHT:-3} CAM_GUIDANCE=${CAM_GUIDANCE:-0.5} CAM_WARMUP=${CAM_WARMUP:-0} HELD_HIP=${HELD_HIP:-150} HELD_LUMBAR=${HELD_LUMBAR:-75}
+T_WEIGHT=${T_WEIGHT:-3} CAM_GUIDANCE=${CAM_GUIDANCE:-1} CAM_WARMUP=${CAM_WARMUP:-0.25} HELD_HIP=${HELD_HIP:-150} HELD_LUMBAR=${HELD_LUMBAR:-75}
 rm -rf "$B"
 # two generators at a time (one per core); `wait PID` passes a failure on to set -e
 synth() { $OS synth --quiet "$@" > /dev/null; }
