@@ -28,7 +28,7 @@ system-deps:
 test: install system-deps
 	$(BIN)/pytest -q
 
-# Rebuild the shipped checkpoint from synthetic phantoms (about an hour on 2 CPU cores, most of it synthesis).
+# Rebuild the shipped checkpoint from synthetic phantoms (about 55 minutes on 2 CPU cores, most of it synthesis).
 model: install
 	bash scripts/train_shipped_model.sh
 

@@ -55,6 +55,16 @@ def node(tmp_path, db_url):
     db.dispose()
 
 
+def run_due(db, dispatcher) -> int:
+    """One dispatcher run with every pending delivery due: the backoff is milliseconds, but a fast
+    run can still come before it."""
+    with db.session() as s:
+        s.execute(update(Delivery).where(Delivery.state == "pending")
+                  .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    return dispatcher.run_once()
+
+
 def queue_results(settings, db, destination: str, count: int, study_uid: str | None = None) -> list[int]:
     """A reported study with `count` result objects queued for destination; returns delivery ids."""
     study_uid = study_uid or generate_uid()
@@ -117,7 +127,7 @@ def test_breaker_opens_after_k_failures_probes_half_open_and_closes(node, tmp_pa
     try:
         # K = 3 association failures in a row open the circuit
         for _ in range(3):
-            dispatcher.run_once()
+            run_due(db, dispatcher)
         assert sender.to(down) == [4, 4, 4]
         row = circuit_row(db, down)
         assert row.state == "open" and row.consecutive_failures == 3 and row.retry_at > utcnow()
@@ -178,19 +188,19 @@ def test_failed_probe_opens_the_circuit_again_for_longer(node, monkeypatch):
     sender = CountingSender(monkeypatch)
     dispatcher = Dispatcher(settings, db)
     for _ in range(3):
-        dispatcher.run_once()
+        run_due(db, dispatcher)
     first_open = circuit_row(db, down).retry_at - circuit_row(db, down).updated_at
     with db.session() as s:
         s.execute(update(DestinationCircuit).values(retry_at=utcnow() - timedelta(seconds=1)))
         s.commit()
-    dispatcher.run_once()  # the probe: one object, still down
+    run_due(db, dispatcher)  # the probe: one object, still down
     assert sender.to(down) == [2, 2, 2, 1]
     row = circuit_row(db, down)
     assert row.state == "open" and row.consecutive_failures == 4
     assert first_open == timedelta(seconds=10)
     assert row.retry_at - row.updated_at == timedelta(seconds=20)  # doubled per failed probe, up to the cap
     assert sorted(d.attempts for d in deliveries(db, down)) == [3, 4]  # only the probe spent an attempt
-    dispatcher.run_once()
+    run_due(db, dispatcher)  # the circuit is open again: nothing is tried
     assert len(sender.calls) == 4
 
 
@@ -202,7 +212,7 @@ def test_breaker_off_keeps_plain_backoff_and_dead_after_n(node, monkeypatch):
     sender = CountingSender(monkeypatch)
     dispatcher = Dispatcher(settings, db)
     for _ in range(4):
-        dispatcher.run_once()
+        run_due(db, dispatcher)
     assert sender.to(down) == [1, 1]
     [d] = deliveries(db, down)
     assert d.state == "dead" and d.attempts == 2 and "association" in d.last_error
