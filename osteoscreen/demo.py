@@ -54,7 +54,7 @@ class StandInPACS:
         index = self.studies.setdefault(str(ds.StudyInstanceUID), len(self.studies) + 1)
         study = self.folder / f"study{index:02d}"  # folder names never come from received UIDs
         study.mkdir(parents=True, exist_ok=True)
-        kind = "SR" if ds.SOPClassUID == SR_CLASS else "heatmap"
+        kind = {SR_CLASS: "SR", KO_CLASS: "KOS"}.get(ds.SOPClassUID, "heatmap")
         path = study / f"{len(self.received):04d}_{kind}.dcm"
         ds.save_as(path, enforce_file_format=True)
         self.received.append(path)
