@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ..config import Destination, Settings
@@ -45,23 +45,10 @@ def association_outcome(results: list[SendResult], raised: bool = False) -> bool
 
 
 def claim_due(session: Session, limit: int = 16, lease_seconds: float = CLAIM_LEASE_SECONDS) -> list[Delivery]:
-    """Claim due deliveries (pending and due, or 'sending' whose sender died) to destinations whose
-    circuit lets us through; like queue.claim_deliveries plus the circuit filter, so that a backlog
-    for a destination that is down never crowds out the others."""
-    now = utcnow()
-    due = or_((Delivery.state == "pending") & (Delivery.next_attempt_at <= now),
-              (Delivery.state == "sending") & (Delivery.lease_expires_at < now))
-    admitted = Delivery.destination.not_in(circuit.blocked_destinations(now))
-    ids = session.scalars(select(Delivery.id).where(due, admitted).order_by(Delivery.next_attempt_at, Delivery.id)
-                          .limit(limit).with_for_update(skip_locked=True)).all()
-    claimed = []
-    for did in ids:
-        won = session.execute(update(Delivery).where(Delivery.id == did, due).values(
-            state="sending", lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
-        if won:
-            claimed.append(did)
-    session.commit()
-    return [session.get(Delivery, d) for d in claimed]
+    """Claim due deliveries to destinations whose circuit lets us through, so that a backlog for a
+    destination that is down never crowds out the others."""
+    return queue.claim_deliveries(session, lease_seconds, limit,
+                                  exclude_destinations=circuit.blocked_destinations(utcnow()))
 
 
 def release(session: Session, items: list[Delivery]) -> None:

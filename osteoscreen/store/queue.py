@@ -219,13 +219,16 @@ def complete_job(session: Session, job_id: int, owner: str, findings: list[Findi
     return True
 
 
-def claim_deliveries(session: Session, owner_lease_seconds: float, limit: int = 16) -> list[Delivery]:
-    """Claim due deliveries (pending and due, or 'sending' whose sender died)."""
+def claim_deliveries(session: Session, owner_lease_seconds: float, limit: int = 16,
+                     exclude_destinations=()) -> list[Delivery]:
+    """Claim due deliveries (pending and due, or 'sending' whose sender died), oldest due first,
+    leaving out `exclude_destinations` (values or a subquery: those whose circuit is open)."""
     now = utcnow()
     due = or_((Delivery.state == "pending") & (Delivery.next_attempt_at <= now),
               (Delivery.state == "sending") & (Delivery.lease_expires_at < now))
-    ids = session.scalars(select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
-                          .with_for_update(skip_locked=True)).all()
+    admitted = Delivery.destination.not_in(exclude_destinations)
+    ids = session.scalars(select(Delivery.id).where(due, admitted).order_by(Delivery.next_attempt_at, Delivery.id)
+                          .limit(limit).with_for_update(skip_locked=True)).all()
     claimed = []
     for did in ids:
         won = session.execute(update(Delivery).where(Delivery.id == did, due).values(
