@@ -89,6 +89,27 @@ class Retention:
 
 
 @dataclass
+class Web:
+    """The dashboard and /metrics (`osteoscreen web`; `serve` starts it too when enabled)."""
+    enabled: bool = True  # `serve` runs the dashboard beside the DICOM roles
+    bind_address: str = "127.0.0.1"  # 0.0.0.0 in a container, or behind a reverse proxy on another host
+    port: int = 8080
+    # [{name, password_hash, role}]: role admin (acknowledge, resend) or read-only;
+    # password_hash from `osteoscreen web hash-password`
+    users: list = field(default_factory=list)
+    # Sign-in by a reverse proxy that authenticated the user: it sets this header (e.g. X-Forwarded-User).
+    # Only requests from trusted_proxies may use it; those users get proxy_role unless in proxy_admins.
+    trusted_proxy_header: str | None = None
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+    proxy_role: str = "read-only"
+    proxy_admins: list[str] = field(default_factory=list)
+    secret_key: str | None = None  # signs session cookies; default: made once, kept in <storage>/web-secret
+    session_hours: float = 8.0
+    metrics_token: str | None = None  # when set, /metrics needs "Authorization: Bearer <token>"
+    page_size: int = 50
+
+
+@dataclass
 class Settings:
     ae_title: str = "OSTEOSCREEN"
     bind_address: str = "0.0.0.0"
@@ -123,6 +144,7 @@ class Settings:
     routing: Routing = field(default_factory=Routing)
     output: Output = field(default_factory=Output)
     retention: Retention = field(default_factory=Retention)
+    web: Web = field(default_factory=Web)
 
     @property
     def db_url(self) -> str:
@@ -157,6 +179,9 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         raise ConfigError(f"setting {name}: {value!r} is not a valid {type(default).__name__}") from exc
 
 
+_NULLABLE = ("database_url", "trusted_proxy_header", "secret_key", "metrics_token")
+
+
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
@@ -178,7 +203,7 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             _apply(current, value, prefix=f"{name}.")
         elif value is not None:
             setattr(obj, key, _coerce(value, current, name))
-        elif key == "database_url":
+        elif key in _NULLABLE:
             setattr(obj, key, None)
 
 
@@ -227,6 +252,7 @@ def _validate(s: Settings) -> None:
     _validate_listener(s)
     _validate_output(s.output)
     _validate_dispatch_retention(s)
+    _validate_web(s.web)
 
 
 def _validate_listener(s: Settings) -> None:
@@ -277,3 +303,33 @@ def _validate_dispatch_retention(s: Settings) -> None:
             raise ConfigError(f"retention.{name} must be >= 0 (0: keep forever), got {getattr(r, name)}")
     if r.interval_minutes <= 0:
         raise ConfigError(f"retention.interval_minutes must be > 0, got {r.interval_minutes}")
+
+
+WEB_ROLES = ("admin", "read-only")
+
+
+def _validate_web(w: Web) -> None:
+    if not 0 <= w.port <= 65535:
+        raise ConfigError(f"web.port {w.port} out of range")
+    if not isinstance(w.users, list):
+        raise ConfigError("web.users must be a list of {name, password_hash, role}")
+    names = set()
+    for i, u in enumerate(w.users):
+        if not isinstance(u, dict) or set(u) - {"name", "password_hash", "role"} or not u.get("name") \
+                or not u.get("password_hash"):
+            raise ConfigError(f"web.users[{i}] must be {{name, password_hash, role}} "
+                              "(password_hash from `osteoscreen web hash-password`)")
+        if u.get("role", "read-only") not in WEB_ROLES:
+            raise ConfigError(f"web.users[{i}].role {u.get('role')!r} must be one of {', '.join(WEB_ROLES)}")
+        if ":" not in str(u["password_hash"]) or str(u["password_hash"]).count("$") < 2:
+            raise ConfigError(f"web.users[{i}].password_hash is not a password hash: store the output of "
+                              "`osteoscreen web hash-password`, never the password")
+        if u["name"] in names:
+            raise ConfigError(f"web.users: {u['name']!r} appears twice")
+        names.add(u["name"])
+    if w.proxy_role not in WEB_ROLES:
+        raise ConfigError(f"web.proxy_role {w.proxy_role!r} must be one of {', '.join(WEB_ROLES)}")
+    if w.session_hours <= 0:
+        raise ConfigError("web.session_hours must be > 0")
+    if w.page_size < 1:
+        raise ConfigError("web.page_size must be at least 1")

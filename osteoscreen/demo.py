@@ -108,7 +108,30 @@ def run_demo(workdir: Path = Path("demo-output"), timeout: float = 180.0) -> int
         return 1
     _print_results(studies, pacs.received)
     print(f"\nEverything (node database, spool, outbox, stand-in PACS) is under {work}")
+    _print_admin_next_steps(work, settings)
     return 0
+
+
+def _print_admin_next_steps(work: Path, settings: Settings) -> None:
+    """Leave a dashboard configuration with a one-off demo user, and say how to look at the results."""
+    import secrets
+
+    import yaml
+
+    from .web.auth import hash_password
+    password = secrets.token_urlsafe(9)
+    config = work / "dashboard.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage": str(settings.storage.resolve()),
+        "web": {"port": 8080, "users": [{"name": "demo", "role": "admin", "password_hash": hash_password(password)}]},
+    }, sort_keys=False))
+    config.chmod(0o600)
+    storage = settings.storage
+    print("\nAs an administrator, next:")
+    print(f"  osteoscreen db list --storage {storage}          # the screenings, as a table (--json for scripts)")
+    print(f"  osteoscreen db worklist --storage {storage}      # positives awaiting follow-up")
+    print(f"  osteoscreen web --config {config}   # the dashboard on http://127.0.0.1:8080/ "
+          f"(user demo, password {password})")
 
 
 def _all_delivered(node: Node, n_studies: int) -> bool:

@@ -12,12 +12,14 @@ import threading
 from .config import Settings
 from .node.listener import Listener
 from .scheduler import build_scheduler
+from . import __version__
 from .store.db import Database
+from .store.heartbeat import INTERVAL_SECONDS, Heartbeat
 from .worker import Worker
 
 log = logging.getLogger("osteoscreen")
 
-ROLES = ("listen", "work", "dispatch")
+ROLES = ("listen", "work", "dispatch")  # `serve` runs these, plus `web` when web.enabled
 
 
 class Node:
@@ -30,22 +32,52 @@ class Node:
         self.listener = Listener(settings, self.db) if "listen" in roles else None
         self.worker = Worker(settings, self.db) if "work" in roles else None
         self.scheduler = build_scheduler(settings, self.db, settle="listen" in roles, dispatch="dispatch" in roles)
+        self.web = None
+        if "web" in roles:
+            from .web.server import WebServer  # only processes that serve the dashboard import Flask
+            try:
+                self.web = WebServer(settings, self.db)
+            except OSError as exc:
+                if roles == ("web",):
+                    raise
+                # `serve`: the DICOM roles matter more than the dashboard; say so and go on without it
+                log.error("dashboard not started: cannot listen on %s:%d (%s)", settings.web.bind_address,
+                          settings.web.port, exc)
+        self.heartbeat = Heartbeat(roles, __version__)
+        self.scheduler.add_job(self._beat, "interval", seconds=INTERVAL_SECONDS, id="heartbeat")
+
+    def _beat(self) -> None:
+        try:
+            with self.db.session() as session:
+                self.heartbeat.beat(session)
+        except Exception:  # the database may be briefly away; the roles have their own retries
+            log.warning("heartbeat not written", exc_info=True)
 
     def start(self) -> "Node":
         if self.worker:
             self.worker.start()
         if self.listener:
             self.listener.start()
+        if self.web:
+            self.web.start()
+        self._beat()
         self.scheduler.start()
         log.info("roles running: %s; database %s", ", ".join(self.roles), self.db.engine.url.render_as_string(hide_password=True))
         return self
 
     def stop(self) -> None:
+        if self.web:
+            self.web.stop()
         if self.listener:
             self.listener.stop()
         self.scheduler.shutdown(wait=True)
         if self.worker:
             self.worker.stop()
+        try:
+            with self.db.session() as session:
+                self.heartbeat.remove(session)
+        except Exception:
+            log.warning("heartbeat row not removed", exc_info=True)
         self.db.dispose()
 
 

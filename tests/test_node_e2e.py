@@ -73,7 +73,8 @@ class NodeProcess:
         self.log = storage.parent / f"node-{self.port}.log"
         self.args = [*OSTEOSCREEN, "serve", "--port", str(self.port), "--storage", str(storage),
                      "--destination", f"PACS@127.0.0.1:{destination_port}"]
-        self.env = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(settle), "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1"}
+        self.env = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(settle), "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1",
+                    "OSTEOSCREEN_WEB__PORT": "0"}  # the dashboard on a free port
         self.start()
 
     def start(self):

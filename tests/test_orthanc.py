@@ -2,9 +2,9 @@
 results back into the same studies.
 
 Studies go to Orthanc only (DCMTK storescu, never to the node directly). Orthanc's Lua script
-(tests/orthanc/forward.lua) sends every stored CR/DX instance to the node; the node sends its SR,
-heatmaps and (when a site is estimated osteoporotic) a Key Object Selection back to Orthanc, where
-the script leaves them alone. Everything is read back through Orthanc's REST API.
+(docker/orthanc/route.lua, the one the demo PACS of docker/compose.yaml runs) sends every stored
+CR/DX instance to the node; the node sends its SR, heatmaps and (when a site is estimated
+osteoporotic) a Key Object Selection back to Orthanc, where the script leaves them alone. Everything is read back through Orthanc's REST API.
 
 One Orthanc and one node serve the whole module; each has its own free ports, storage under a
 temporary folder and a log file that is printed when a test fails. Orthanc's settings are
@@ -41,6 +41,7 @@ pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent / "orthanc"
 REPO = Path(__file__).resolve().parents[1]
+ROUTE_LUA = REPO / "docker" / "orthanc" / "route.lua"  # shared with docker/compose.yaml's Orthanc
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
@@ -96,7 +97,7 @@ class Orthanc:
         folder.mkdir(parents=True, exist_ok=True)
         config = json.loads((HERE / "orthanc.json").read_text())
         config.update(StorageDirectory=str(folder / "storage"), IndexDirectory=str(folder / "storage"),
-                      LuaScripts=[str(HERE / "forward.lua")], HttpPort=http_port, DicomPort=dicom_port,
+                      LuaScripts=[str(ROUTE_LUA)], HttpPort=http_port, DicomPort=dicom_port,
                       DicomModalities={"osteoscreen": ["OSTEOSCREEN", "127.0.0.1", node_port]})
         self.config = folder / "orthanc.json"
         self.config.write_text(json.dumps(config, indent=2))
@@ -160,7 +161,7 @@ class Node:
         args = [*command, "serve", "--port", str(port), "--ae-title", "OSTEOSCREEN",
                 "--destination", f"ORTHANC@127.0.0.1:{orthanc_dicom_port}", "--storage", str(storage)]
         env = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(SETTLE_SECONDS), "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1",
-               "OSTEOSCREEN_DISPATCH_BACKOFF_SECONDS": "1"}
+               "OSTEOSCREEN_DISPATCH_BACKOFF_SECONDS": "1", "OSTEOSCREEN_WEB__PORT": "0"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         up = wait_for(lambda: port_open(port) or self.proc.poll() is not None, 90)

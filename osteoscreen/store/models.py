@@ -146,3 +146,32 @@ class AuditEvent(Base):
     study_uid: Mapped[str | None] = mapped_column(String(64))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Acknowledgement(Base):
+    """A screening coordinator acted on a study's result (referred, already known, …): the study leaves
+    the follow-up worklist. Rows are never deleted; a mistaken one is revoked (revoked_at/by)."""
+
+    __tablename__ = "acknowledgements"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    report_uid: Mapped[str | None] = mapped_column(String(64))  # the SR that was current when acknowledged
+    by: Mapped[str] = mapped_column(String(64))  # user name (dashboard login, or `db ack --by`)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class ProcessHeartbeat(Base):
+    """One running osteoscreen process and its roles, refreshed every few seconds: node health and the
+    container health checks read it (`osteoscreen health`)."""
+
+    __tablename__ = "process_heartbeats"
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # host:pid:start
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(64))  # comma-separated: listen,work,dispatch,web
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)

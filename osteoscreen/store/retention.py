@@ -27,7 +27,7 @@ from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from . import queue
-from .models import Delivery, Finding, Instance, Job, Study, utcnow
+from .models import Acknowledgement, Delivery, Finding, Instance, Job, Study, utcnow
 
 log = logging.getLogger("osteoscreen.retention")
 
@@ -155,6 +155,7 @@ def purge_rows(session: Session, days: float, spool: _Files, outbox: _Files, now
             report.deliveries += session.execute(delete(Delivery).where(Delivery.study_id.in_(ids))).rowcount
             report.findings += session.execute(delete(Finding).where(Finding.study_id.in_(ids))).rowcount
             report.jobs += session.execute(delete(Job).where(Job.study_id.in_(ids))).rowcount
+            session.execute(delete(Acknowledgement).where(Acknowledgement.study_id.in_(ids)))
             report.instances += session.execute(delete(Instance).where(Instance.study_id.in_(ids))).rowcount
             report.studies += session.execute(delete(Study).where(Study.id.in_(ids))).rowcount
         session.commit()

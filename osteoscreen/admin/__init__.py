@@ -1,0 +1,1 @@
+"""Administration: the queries coordinators and administrators run (CLI `osteoscreen db`, dashboard)."""
