@@ -409,14 +409,17 @@ def cmd_db_ack(args) -> int:
         raise UsageError("--by needs a user name of 1-64 characters")
     if args.revoke and args.note:
         raise UsageError("--note does not go with --revoke")
-    with _admin_session(args) as (_, session):
+    with _admin_session(args) as (positive, session):
         study_uid = queries.find_study(session, args.key).study_uid
         if args.revoke:
             n = queries.revoke_acknowledgement(session, args.key, args.by)
             print(f"study {study_uid}: {n} acknowledgement{'s' if n != 1 else ''} revoked by {args.by}"
                   if n else f"study {study_uid}: no standing acknowledgement to revoke")
         else:
-            queries.acknowledge(session, args.key, args.by, args.note)
+            try:
+                queries.acknowledge(session, args.key, args.by, args.note, positive_categories=positive)
+            except ValueError as exc:  # not positive, or acknowledged already
+                raise UsageError(str(exc)) from None
             print(f"study {study_uid}: acknowledged by {args.by}")
     return 0
 
@@ -580,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db_flags(q)
     q.add_argument("--by", choices=["day", "week"], default="week", help="period (default week)")
     q.add_argument("--from", dest="since", metavar="YYYY-MM-DD",
-                   help="first day (UTC; default 13 days or 11 weeks before --to)")
+                   help="first day (UTC; default 13 days before --to, or the Monday 11 weeks before it)")
     q.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="last day (UTC; default today)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_db_stats)

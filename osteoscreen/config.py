@@ -6,6 +6,7 @@ types and defaults. A bad value raises ConfigError, which the CLI turns into exi
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -104,7 +105,8 @@ class Web:
     proxy_role: str = "read-only"
     proxy_admins: list[str] = field(default_factory=list)
     secret_key: str | None = None  # signs session cookies; default: made once, kept in <storage>/web-secret
-    session_hours: float = 8.0
+    session_hours: float = 8.0  # a sign-in ends this long after it began
+    secure_cookies: bool = False  # mark the session cookie Secure (HTTPS only): true behind a TLS proxy
     metrics_token: str | None = None  # when set, /metrics needs "Authorization: Bearer <token>"
     page_size: int = 50
 
@@ -327,6 +329,11 @@ def _validate_web(w: Web) -> None:
         if u["name"] in names:
             raise ConfigError(f"web.users: {u['name']!r} appears twice")
         names.add(u["name"])
+    for entry in w.trusted_proxies:
+        try:
+            ipaddress.ip_network(str(entry), strict=False)
+        except ValueError:
+            raise ConfigError(f"web.trusted_proxies: {entry!r} is not an IP address or network") from None
     if w.proxy_role not in WEB_ROLES:
         raise ConfigError(f"web.proxy_role {w.proxy_role!r} must be one of {', '.join(WEB_ROLES)}")
     if w.session_hours <= 0:

@@ -43,7 +43,9 @@ class Node:
                 # `serve`: the DICOM roles matter more than the dashboard; say so and go on without it
                 log.error("dashboard not started: cannot listen on %s:%d (%s)", settings.web.bind_address,
                           settings.web.port, exc)
-        self.heartbeat = Heartbeat(roles, __version__)
+        # what really runs: a dashboard that could not start is not reported alive
+        self.roles = tuple(r for r in roles if r != "web" or self.web is not None)
+        self.heartbeat = Heartbeat(self.roles, __version__)
         self.scheduler.add_job(self._beat, "interval", seconds=INTERVAL_SECONDS, id="heartbeat")
 
     def _beat(self) -> None:

@@ -407,3 +407,8 @@ def test_formatting_helpers():
     assert tables.result("not_assessable") == "not assessable" and tables.result(None) == "-"
     assert tables.percent(0.4) == "40.0%" and tables.percent(None) == "-"
     assert tables.dicom_date("20261117") == "2026-11-17" and tables.dicom_date(None) == "-"
+
+
+def test_control_characters_from_dicom_text_never_reach_the_terminal():
+    from osteoscreen.admin.tables import cell
+    assert cell("Doe^Jane\x1b[2J\x07\r\nX") == "Doe^Jane [2J X"

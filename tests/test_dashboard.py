@@ -148,7 +148,8 @@ def test_sign_in_redirects_only_within_the_site(tmp_path, seeded):
     app, _, db = make_app(tmp_path, seeded.url)
     c = app.test_client()
     for target, expected in (("/screenings?result=normal", "/screenings?result=normal"),
-                             ("https://evil.example/", "/"), ("//evil.example/x", "/")):
+                             ("https://evil.example/", "/"), ("//evil.example/x", "/"),
+                             ("/\t/evil.example", "/"), ("/\\evil.example", "/"), ("/\n/evil.example", "/")):
         r = c.post("/login", data={"username": "bob", "password": PASSWORDS["bob"], "next": target})
         assert r.headers["Location"] == expected
     db.dispose()
@@ -356,3 +357,75 @@ def test_dashboard_in_chromium(node, tmp_path):
     # without a session, patient data stays behind the sign-in page
     with urllib.request.urlopen(base + "/worklist", timeout=10) as r:
         assert r.url.startswith(base + "/login") and b"Test^Patient" not in r.read()
+
+
+def test_sign_in_is_throttled_and_survives_any_characters(tmp_path, seeded):
+    app, settings, db = make_app(tmp_path, seeded.url)
+    settings.web.users = [{"name": "jürgen", "role": "read-only", "password_hash": hash_password("jürgen-pass-1")},
+                          *USERS]
+    c = app.test_client()
+    assert sign_in(c, "Müller", "irrelevant-1").status_code == 401  # a non-ASCII name is just unknown
+    assert sign_in(c, "jürgen", "jürgen-pass-1").status_code == 302
+    c = app.test_client()
+    for _ in range(5):
+        assert sign_in(c, "bob", "wrong-password").status_code == 401
+    # locked for this name (and this address), even with the right password
+    assert sign_in(c, "bob").status_code == 429
+    assert sign_in(c, "alice").status_code == 429
+    events = audit_events(db, "web_login_failed")
+    assert any("user bob" in e.detail for e in events) and any("unknown user name" in e.detail for e in events)
+    assert not any("Müller" in (e.detail or "") for e in events)  # typed names that are no user stay out
+    db.dispose()
+
+
+def test_sessions_end_after_session_hours_and_on_a_new_password(tmp_path, seeded):
+    app, settings, db = make_app(tmp_path, seeded.url)
+    c = app.test_client()
+    sign_in(c, "bob")
+    assert c.get("/worklist").status_code == 200
+    with c.session_transaction() as s:
+        s["since"] -= settings.web.session_hours * 3600 + 1
+    assert c.get("/worklist").status_code == 302
+    sign_in(c, "bob")
+    assert c.get("/worklist").status_code == 200
+    settings.web.users = [USERS[0], {**USERS[1], "password_hash": hash_password("bob-new-secret-3")}]
+    assert c.get("/worklist").status_code == 302
+    db.dispose()
+
+
+def test_only_a_current_positive_report_can_be_acknowledged(tmp_path, seeded):
+    app, _, db = make_app(tmp_path, seeded.url)
+    c = app.test_client()
+    sign_in(c, "alice")
+    r = c.post(f"/studies/{uid(1)}/ack", data={"csrf_token": csrf(c)}, follow_redirects=True)
+    assert b"Not acknowledged" in r.data and b"not positive" in r.data
+    r = c.post(f"/studies/{uid(5)}/ack", data={"csrf_token": csrf(c)}, follow_redirects=True)
+    assert b"already acknowledged" in r.data
+    with db.session() as s:
+        assert s.scalars(select(Acknowledgement).where(Acknowledgement.by == "alice")).all() == []
+    db.dispose()
+
+
+def test_statistics_and_pages_refuse_ranges_they_cannot_serve(tmp_path, seeded):
+    app, _, db = make_app(tmp_path, seeded.url)
+    c = app.test_client()
+    sign_in(c, "bob")
+    for query in ("by=day&from=2020-01-01&to=2026-11-29", "from=2026-11-20&to=2026-11-01", "to=9999-12-31"):
+        r = c.get(f"/stats?{query}")
+        assert r.status_code == 400, query
+    assert c.get("/screenings?to=9999-12-31").status_code == 400
+    assert c.get(f"/screenings?page={10 ** 20}").status_code == 400
+    r = c.get("/stats?by=week&from=2026-11-04&to=2026-11-29")  # a Wednesday: the week starts on its Monday
+    assert r.status_code == 200 and b"2026-W45" in r.data and b">2026-W44<" not in r.data
+    db.dispose()
+
+
+def test_trusted_proxies_may_be_networks(tmp_path, seeded):
+    app, _, db = make_app(tmp_path, seeded.url, trusted_proxy_header="X-Forwarded-User",
+                          trusted_proxies=["172.18.0.0/16"])
+    c = app.test_client()
+    ok = c.get("/worklist", headers={"X-Forwarded-User": "erin"}, environ_base={"REMOTE_ADDR": "172.18.0.1"})
+    assert ok.status_code == 200 and b"erin" in ok.data
+    no = c.get("/worklist", headers={"X-Forwarded-User": "erin"}, environ_base={"REMOTE_ADDR": "172.19.0.1"})
+    assert no.status_code == 302
+    db.dispose()

@@ -171,9 +171,13 @@ def test_histogram_moves_with_the_data(seeded):
 def test_followup_and_positive_categories(seeded):
     with seeded.session() as s:
         s4 = s.scalar(select(Study).where(Study.study_uid == uid(4)))
-        s.add(Acknowledgement(study_id=s4.id, by="coordinator", at=utcnow()))
+        s.add(Acknowledgement(study_id=s4.id, report_uid=s4.last_report_uid, by="coordinator", at=utcnow()))
         s.commit()
     assert val(scrape(seeded), "osteoscreen_followup_pending") == 2  # S12, S13
+    with seeded.session() as s:  # a new report of S04 (still positive) needs a new look
+        s.execute(update(Study).where(Study.study_uid == uid(4)).values(last_report_uid=f"{uid(4)}.99.2"))
+        s.commit()
+    assert val(scrape(seeded), "osteoscreen_followup_pending") == 3
     with seeded.session() as s:  # a revoked acknowledgement no longer counts: S05 is back
         s.execute(update(Acknowledgement).values(revoked_at=utcnow(), revoked_by="admin"))
         s.commit()

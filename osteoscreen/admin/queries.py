@@ -63,6 +63,9 @@ class Filters:
             raise ValueError(f"status {self.status!r}: expected one of {', '.join(STATUSES)}")
         if self.since and self.until and self.since > self.until:
             raise ValueError(f"from {self.since} is after to {self.until}")
+        for name, day in (("from", self.since), ("to", self.until)):
+            if day is not None and not date(1900, 1, 1) <= day <= date(9000, 1, 1):
+                raise ValueError(f"{name} {day} is out of range")
         return self
 
 
@@ -135,6 +138,19 @@ def _latest_job():
             .group_by(Finding.study_id).subquery("latest_job"))
 
 
+def _chunks(ids: list[int], size: int = 1000):
+    """IN lists in pieces: PostgreSQL takes at most 65,535 bound parameters per statement."""
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
+def _newest_job_of(study_id_column):
+    """The newest job with findings of the study in `study_id_column` (a correlated scalar subquery:
+    for a page of studies this reads only their findings, not the whole table)."""
+    newer = aliased(Finding)
+    return select(func.max(newer.job_id)).where(newer.study_id == study_id_column).scalar_subquery()
+
+
 def _severity():
     """-1 not assessable, 0 normal, 1 osteopenia, 2 osteoporosis (findings.severity, in SQL)."""
     return case(*[(and_(Finding.assessable.is_(True), Finding.category == c), i) for i, c in enumerate(CLASSES)],
@@ -158,7 +174,10 @@ def _worst_subquery(site: str | None):
 
 
 def _acknowledged():
-    return exists().where(Acknowledgement.study_id == Study.id, Acknowledgement.revoked_at.is_(None))
+    """Acknowledged: a standing acknowledgement of the study's current report. A new report (a late
+    image re-reported the study) needs a new look, so it returns to the worklist if still positive."""
+    return exists().where(Acknowledgement.study_id == Study.id, Acknowledgement.revoked_at.is_(None),
+                          Acknowledgement.report_uid.is_not_distinct_from(Study.last_report_uid))
 
 
 def _positive_clause(worst, positive_categories: list[str]):
@@ -222,13 +241,12 @@ def _screenings(session: Session, rows: list[tuple[int, int | None]], positive_c
     ids = [r[0] for r in rows]
     if not ids:
         return []
-    studies = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(ids)))}
-    latest = _latest_job()
+    studies = {s.id: s for chunk in _chunks(ids) for s in session.scalars(select(Study).where(Study.id.in_(chunk)))}
     sites: dict[int, dict[str, SiteResult]] = defaultdict(dict)
     versions: dict[int, str] = {}
-    for fd in session.scalars(select(Finding).join(latest, and_(latest.c.study_id == Finding.study_id,
-                                                                latest.c.job_id == Finding.job_id))
-                              .where(Finding.study_id.in_(ids)).order_by(Finding.id)):
+    for fd in (fd for chunk in _chunks(ids) for fd in session.scalars(
+            select(Finding).where(Finding.study_id.in_(chunk), Finding.job_id == _newest_job_of(Finding.study_id))
+            .order_by(Finding.id))):
         versions[fd.study_id] = fd.model_version
         # lumbar AP + lateral: one fused estimate on both findings; keep the assessable one first
         prior = sites[fd.study_id].get(fd.site)
@@ -237,15 +255,16 @@ def _screenings(session: Session, rows: list[tuple[int, int | None]], positive_c
                                                      fd.probabilities, fd.sop_instance_uid)
     modalities: dict[int, set] = defaultdict(set)
     skip_reasons: dict[int, str] = {}
-    for sid, modality, eligible, reason in session.execute(
+    for sid, modality, eligible, reason in (row for chunk in _chunks(ids) for row in session.execute(
             select(Instance.study_id, Instance.modality, Instance.eligible, Instance.skip_reason)
-            .where(Instance.study_id.in_(ids))):
+            .where(Instance.study_id.in_(chunk)))):
         if modality:
             modalities[sid].add(modality)
         if not eligible and reason:
             skip_reasons.setdefault(sid, reason)
-    acked = set(session.scalars(select(Acknowledgement.study_id).where(
-        Acknowledgement.study_id.in_(ids), Acknowledgement.revoked_at.is_(None))))
+    acked = set()
+    for chunk in _chunks(ids):
+        acked.update(session.scalars(select(Study.id).where(Study.id.in_(chunk), _acknowledged())))
     out = []
     for sid, worst in rows:
         s = studies[sid]
@@ -344,11 +363,19 @@ def worklist(session: Session, *, positive_categories: list[str], include_acknow
                            oldest_first=True).items
 
 
-def acknowledge(session: Session, key: str, by: str, note: str | None = None) -> Acknowledgement:
-    """Record that `by` acted on the study's result; it leaves the worklist. Audited (UIDs only)."""
+def acknowledge(session: Session, key: str, by: str, note: str | None = None, *,
+                positive_categories: list[str]) -> Acknowledgement:
+    """Record that `by` acted on the study's current, positive result; it leaves the worklist until a
+    new report replaces that one. Audited (UIDs only)."""
     study = find_study(session, key)
     if not by or len(by) > 64:
         raise ValueError("acknowledging needs a user name of 1-64 characters")
+    result = _result_of(_study_worst(session, study.id))
+    if result not in positive_categories:
+        raise ValueError(f"study {study.study_uid} is not positive (its latest result is "
+                         f"{(result or 'none yet').replace('_', ' ')}): there is nothing to follow up")
+    if session.scalar(select(Study.id).where(Study.id == study.id, _acknowledged())) is not None:
+        raise ValueError(f"study {study.study_uid} is already acknowledged for its current report")
     ack = Acknowledgement(study_id=study.id, report_uid=study.last_report_uid, by=by, at=utcnow(),
                           note=(note or None))
     session.add(ack)
@@ -411,6 +438,9 @@ class Stats:
                           "skip_reasons": self.skip_reasons})
 
 
+MAX_STATS_DAYS = {"day": 400, "week": 7 * 260}  # a year and a month of days, five years of weeks
+
+
 def period_of(day: date, by: str) -> tuple[str, date]:
     if by == "day":
         return day.isoformat(), day
@@ -424,9 +454,14 @@ def statistics(session: Session, *, positive_categories: list[str], by: str = "w
                until: date | None = None) -> Stats:
     """Counts per day or ISO week (every period in the range, empty ones included)."""
     until = until or utcnow().date()
-    since = since or (until - timedelta(days=13 if by == "day" else 7 * 12 - 1))
+    since = since or (until - timedelta(days=13 if by == "day" else 7 * 11))  # 14 days; 12 ISO weeks
     period_of(since, by)  # validates `by`
+    if by == "week":  # whole ISO weeks: no partial first week
+        since -= timedelta(days=since.weekday())
     f = Filters(since=since, until=until).validate()
+    longest = MAX_STATS_DAYS[by]
+    if (until - since).days >= longest:
+        raise ValueError(f"statistics by {by} cover at most {longest} days; narrow --from/--to")
     periods: dict[str, PeriodStats] = {}
     day = since
     while day <= until:
@@ -453,13 +488,22 @@ def statistics(session: Session, *, positive_categories: list[str], by: str = "w
     reasons: Counter = Counter()
     skips: Counter = Counter()
     ids = list(ids_worst)
-    latest = _latest_job()
-    for chunk in (ids[i:i + 500] for i in range(0, len(ids), 500)):
-        for (reason,) in session.execute(
-                select(Finding.reason).join(latest, and_(latest.c.study_id == Finding.study_id,
-                                                         latest.c.job_id == Finding.job_id))
-                .where(Finding.study_id.in_(chunk), Finding.assessable.is_(False))):
-            reasons[reason or "unknown"] += 1
+    for chunk in _chunks(ids, 500):
+        # per study site (lumbar AP + lateral are two findings of one site): a site counts as not
+        # assessable only when no view of it was, with the first view's reason
+        per_site: dict[tuple[int, str], str | None] = {}
+        assessed: set[tuple[int, str]] = set()
+        for sid, site, ok, reason in session.execute(
+                select(Finding.study_id, Finding.site, Finding.assessable, Finding.reason)
+                .where(Finding.study_id.in_(chunk), Finding.job_id == _newest_job_of(Finding.study_id))
+                .order_by(Finding.id)):
+            if ok:
+                assessed.add((sid, site))
+            else:
+                per_site.setdefault((sid, site), reason)
+        for key, reason in per_site.items():
+            if key not in assessed:
+                reasons[reason or "unknown"] += 1
         for (reason,) in session.execute(select(Instance.skip_reason).where(
                 Instance.study_id.in_(chunk), Instance.eligible.is_(False))):
             skips[_reason_kind(reason)] += 1

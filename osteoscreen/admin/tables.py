@@ -25,7 +25,10 @@ def cell(value) -> str:
     """One cell's text: None is "-", anything else str() on a single line."""
     if value is None:
         return EMPTY
-    return " ".join(str(value).split()) if isinstance(value, str) else str(value)
+    if not isinstance(value, str):
+        return str(value)
+    # DICOM text (names) can carry control characters: no escape sequence reaches the terminal
+    return " ".join("".join(c if c.isprintable() else " " for c in value).split())
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence], *, max_width: int = 40,

@@ -41,7 +41,8 @@ class Study(Base):
     reported_at: Mapped[datetime | None] = mapped_column(DateTime)
     instances: Mapped[list["Instance"]] = relationship(back_populates="study")
     findings: Mapped[list["Finding"]] = relationship(back_populates="study")
-    __table_args__ = (Index("ix_studies_status_last", "status", "last_received_at"),)
+    __table_args__ = (Index("ix_studies_status_last", "status", "last_received_at"),
+                      Index("ix_studies_first_received", "first_received_at", "id"))  # lists, statistics
 
 
 class Instance(Base):
@@ -94,6 +95,7 @@ class Finding(Base):
     model_version: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     study: Mapped[Study] = relationship(back_populates="findings")
+    __table_args__ = (Index("ix_findings_study_job", "study_id", "job_id"),)  # a study's latest findings
 
 
 class Delivery(Base):
@@ -149,8 +151,9 @@ class AuditEvent(Base):
 
 
 class Acknowledgement(Base):
-    """A screening coordinator acted on a study's result (referred, already known, …): the study leaves
-    the follow-up worklist. Rows are never deleted; a mistaken one is revoked (revoked_at/by)."""
+    """A screening coordinator acted on a study's positive report (referred, already known, …): the study
+    leaves the follow-up worklist until a new report replaces that one (report_uid). A mistaken one is
+    revoked (revoked_at/by), not deleted; only retention.rows_days removes them, with their study."""
 
     __tablename__ = "acknowledgements"
     id: Mapped[int] = mapped_column(primary_key=True)

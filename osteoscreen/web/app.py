@@ -10,9 +10,10 @@ views of a study and every change are audited with the user name and the Study U
 from __future__ import annotations
 
 import csv
-import hmac
 import io
 import logging
+import threading
+import time
 from datetime import date
 
 from flask import (Flask, Response, abort, flash, g, jsonify, redirect, render_template, request,
@@ -73,10 +74,34 @@ def filters_from(args) -> queries.Filters:
         raise BadRequest(str(exc)) from None
 
 
+class DashboardApp(Flask):
+    def log_exception(self, exc_info) -> None:
+        """Flask would log the URL (which can hold an accession number) and the whole traceback
+        (which can hold query parameters): log the route pattern and the error type only."""
+        rule = request.url_rule.rule if request.url_rule else "?"
+        log.error("dashboard error on %s %s: %s", request.method, rule, exc_info[0].__name__)
+
+
+class CachedMetrics:
+    """/metrics computed at most every `seconds` (each scrape runs a dozen aggregate queries)."""
+
+    def __init__(self, metrics: Metrics, seconds: float = 5.0):
+        self.metrics, self.seconds = metrics, seconds
+        self.lock = threading.Lock()
+        self.at, self.value = -1e9, None
+
+    def render(self) -> tuple[bytes, str]:
+        with self.lock:
+            if self.value is None or time.monotonic() - self.at >= self.seconds:
+                self.value, self.at = self.metrics.render(), time.monotonic()
+            return self.value
+
+
 def create_app(settings: Settings, db: Database) -> Flask:
-    app = Flask(__name__)
+    app = DashboardApp(__name__)
     auth.configure(app, settings)
-    metrics = Metrics(db, settings.output.positive_categories)
+    metrics = CachedMetrics(Metrics(db, settings.output.positive_categories))
+    throttle = auth.Throttle()
     positive = settings.output.positive_categories
     app.jinja_env.globals.update(version=__version__, SITES=SITES, RESULTS=queries.RESULTS,
                                  STATUSES=queries.STATUSES, REASON_TEXT=REASON_TEXT, ae_title=settings.ae_title,
@@ -126,12 +151,20 @@ def create_app(settings: Settings, db: Database) -> Flask:
         error = None
         if request.method == "POST":
             name = request.form.get("username", "")[:64]
+            keys = (f"ip:{request.remote_addr}", f"user:{name}")
+            if throttle.blocked(*keys):
+                return render_template("login.html", error="Too many failed sign-ins: try again in 15 minutes.",
+                                       next=request.values.get("next", ""), no_users=False), 429
             user = auth.check_login(settings, name, request.form.get("password", ""))
             if user is not None:
-                auth.sign_in(user)
+                throttle.succeeded(*keys)
+                auth.sign_in(user, settings)
                 _audit("web_login", f"{user.name} ({user.role})")
                 return redirect(auth.safe_next(request.form.get("next")))
-            _audit("web_login_failed", f"user {name!r} from {request.remote_addr}")
+            throttle.failed(*keys)
+            # the typed name only if it is a user's: a password typed into the name field stays out
+            who = f"user {name}" if auth.is_user(settings, name) else "an unknown user name"
+            _audit("web_login_failed", f"{who} from {request.remote_addr}")
             error = "Unknown user name or wrong password."
         return render_template("login.html", error=error, next=request.values.get("next", ""),
                                no_users=not settings.web.users and not settings.web.trusted_proxy_header), \
@@ -171,6 +204,8 @@ def create_app(settings: Settings, db: Database) -> Flask:
             page_no = max(1, int(request.args.get("page", 1)))
         except ValueError:
             raise BadRequest("page must be a number") from None
+        if page_no > 1_000_000:
+            raise BadRequest("page out of range")
         size = settings.web.page_size
         page = queries.list_screenings(session(), f, positive_categories=positive, limit=size,
                                        offset=(page_no - 1) * size)
@@ -210,8 +245,13 @@ def create_app(settings: Settings, db: Database) -> Flask:
     @auth.admin_required
     def acknowledge(key: str):
         study = queries.find_study(session(), key)
-        queries.acknowledge(session(), study.study_uid, g.user.name, request.form.get("note", "").strip()[:2000])
-        flash("Acknowledged: the study left the follow-up worklist.")
+        try:
+            queries.acknowledge(session(), study.study_uid, g.user.name, request.form.get("note", "").strip()[:2000],
+                                positive_categories=positive)
+            flash("Acknowledged: the study left the follow-up worklist.")
+        except ValueError as exc:  # not positive (any more), or acknowledged by someone else meanwhile
+            session().rollback()
+            flash(f"Not acknowledged: {exc}.")
         return redirect(auth.safe_next(request.form.get("next")) if request.form.get("next")
                         else url_for("study", key=study.study_uid))
 
@@ -228,9 +268,12 @@ def create_app(settings: Settings, db: Database) -> Flask:
         by = request.args.get("by", "week")
         if by not in ("day", "week"):
             raise BadRequest("by must be day or week")
-        st = queries.statistics(session(), positive_categories=positive, by=by,
-                                since=_date(request.args.get("from"), "from"),
-                                until=_date(request.args.get("to"), "to"))
+        try:
+            st = queries.statistics(session(), positive_categories=positive, by=by,
+                                    since=_date(request.args.get("from"), "from"),
+                                    until=_date(request.args.get("to"), "to"))
+        except ValueError as exc:  # reversed or over-long range
+            raise BadRequest(str(exc)) from None
         return render_template("stats.html", st=st, by=by, volume_svg=charts.volume_chart(st.periods),
                                rate_svg=charts.positive_rate_chart(st.periods))
 
@@ -281,8 +324,7 @@ def create_app(settings: Settings, db: Database) -> Flask:
     def metrics_view():
         token = settings.web.metrics_token
         if token:
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent, f"Bearer {token}"):
+            if not auth.same(request.headers.get("Authorization", ""), f"Bearer {token}"):
                 return Response("metrics need a bearer token\n", status=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="osteoscreen metrics"'})
         body, content_type = metrics.render()
