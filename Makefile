@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-deps model clean
+.PHONY: demo test install system-deps model bench clean
 
 $(BIN)/osteoscreen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install system-deps
 # Rebuild the shipped checkpoint from synthetic phantoms (about 55 minutes on 2 CPU cores, most of it synthesis).
 model: install
 	bash scripts/train_shipped_model.sh
+
+# Benchmarks beside their references (DCMTK storescp, Orthanc, dcmj2pnm), one part after another; writes
+# docs/BENCHMARKS.md and its plots (bench/README.md). Not part of the tests.
+bench: install system-deps
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) var demo-output .pytest_cache

@@ -137,6 +137,7 @@ class Settings:
     job_max_attempts: int = 3
     worker_batch_studies: int = 4  # jobs a worker claims at once; their sites share one model call
     # dispatch
+    dispatch_poll_seconds: float = 0.5  # how often the dispatcher looks for due results (serve: also at once)
     dispatch_max_attempts: int = 8
     dispatch_backoff_seconds: float = 5.0
     dispatch_backoff_max_seconds: float = 600.0
@@ -294,6 +295,8 @@ def _validate_output(o: Output) -> None:
 
 
 def _validate_dispatch_retention(s: Settings) -> None:
+    if not 0.05 <= s.dispatch_poll_seconds <= 60:
+        raise ConfigError(f"dispatch_poll_seconds must be between 0.05 and 60, got {s.dispatch_poll_seconds}")
     if s.dispatch_circuit_failures < 0:
         raise ConfigError(f"dispatch_circuit_failures must be >= 0 (0: no circuit breaker), "
                           f"got {s.dispatch_circuit_failures}")

@@ -31,8 +31,9 @@ def run_retention(settings: Settings, db: Database):
 
 
 def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, dispatch: bool = True,
-                    retention: bool | None = None) -> BackgroundScheduler:
-    """retention: run the retention job (default: where settle runs, i.e. the listen role)."""
+                    retention: bool | None = None, on_jobs_queued=None) -> BackgroundScheduler:
+    """retention: run the retention job (default: where settle runs, i.e. the listen role).
+    on_jobs_queued: called when the settle timer queued jobs (serve: wakes the worker at once)."""
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
     if settle:
         def settle_tick() -> None:
@@ -41,10 +42,13 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
                 queue.mark_orphaned_jobs_failed(session, settings.job_max_attempts)
             if created:
                 log.info("queued %d job(s)", len(created))
-        sched.add_job(settle_tick, "interval", seconds=min(1.0, max(0.2, settings.settle_seconds / 4)), id="settle")
+                if on_jobs_queued is not None:
+                    on_jobs_queued()
+        # a study is due settle_seconds after its last image; this tick is how late we may notice
+        sched.add_job(settle_tick, "interval", seconds=min(1.0, max(0.1, settings.settle_seconds / 10)), id="settle")
     if dispatch:
         dispatcher = Dispatcher(settings, db)
-        sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="dispatch")
+        sched.add_job(dispatcher.run_once, "interval", seconds=settings.dispatch_poll_seconds, id="dispatch")
     r = settings.retention
     if (settle if retention is None else retention) and (r.spool_days or r.outbox_days or r.rows_days):
         def retention_tick() -> None:
@@ -55,3 +59,11 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
         sched.add_job(retention_tick, "interval", minutes=r.interval_minutes, id="retention",
                       next_run_time=datetime.now(timezone.utc) + timedelta(seconds=60))
     return sched
+
+
+def wake(sched: BackgroundScheduler, job_id: str) -> None:
+    """Run a periodic job now instead of at its next tick (a run in progress is not doubled)."""
+    try:
+        sched.modify_job(job_id, next_run_time=datetime.now(timezone.utc))
+    except Exception:  # noqa: BLE001 - no such job, or the scheduler is shutting down: the tick will do
+        log.debug("could not wake %s", job_id, exc_info=True)

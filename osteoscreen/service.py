@@ -11,11 +11,10 @@ import threading
 
 from .config import Settings
 from .node.listener import Listener
-from .scheduler import build_scheduler
+from .scheduler import build_scheduler, wake
 from . import __version__
 from .store.db import Database
 from .store.heartbeat import INTERVAL_SECONDS, Heartbeat
-from .worker import Worker
 
 log = logging.getLogger("osteoscreen")
 
@@ -30,8 +29,17 @@ class Node:
         self.roles = roles
         self.db = db or Database(settings.db_url)
         self.listener = Listener(settings, self.db) if "listen" in roles else None
-        self.worker = Worker(settings, self.db) if "work" in roles else None
-        self.scheduler = build_scheduler(settings, self.db, settle="listen" in roles, dispatch="dispatch" in roles)
+        self.worker = None
+        if "work" in roles:
+            from .worker import Worker  # torch and the model: only in processes that screen (~300 MB)
+            self.worker = Worker(settings, self.db)
+        # Roles in one process hand work on at once (a study settles → the worker looks; results are
+        # written → the dispatcher sends) instead of waiting for their next poll; across processes the
+        # polls (poll_seconds, dispatch_poll_seconds) do it.
+        self.scheduler = build_scheduler(settings, self.db, settle="listen" in roles, dispatch="dispatch" in roles,
+                                         on_jobs_queued=self.worker.notify if self.worker else None)
+        if self.worker and "dispatch" in roles:
+            self.worker.on_results = lambda: wake(self.scheduler, "dispatch")
         self.web = None
         if "web" in roles:
             from .web.server import WebServer  # only processes that serve the dashboard import Flask

@@ -15,6 +15,7 @@ import socket
 import threading
 import uuid
 from contextlib import contextmanager
+from typing import Callable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -65,7 +66,10 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._model = model
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by notify(): work was queued, look now rather than at the next poll
         self._thread: threading.Thread | None = None
+        # called after a job completed with result objects to send (serve: wakes the dispatcher)
+        self.on_results: Callable[[], None] | None = None
 
     @property
     def model(self) -> LoadedModel:
@@ -80,8 +84,13 @@ class Worker:
         self._thread = threading.Thread(target=self.run_forever, name="worker", daemon=True)
         self._thread.start()
 
+    def notify(self) -> None:
+        """New jobs are queued (the settle timer in this process just queued them)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout=30)
 
@@ -94,7 +103,8 @@ class Worker:
                 log.exception("worker loop error")
                 worked = False
             if not worked:
-                self._stop.wait(self.settings.poll_seconds)
+                self._wake.wait(self.settings.poll_seconds)
+                self._wake.clear()
 
     def run_once(self) -> bool:
         """Claim up to worker_batch_studies jobs and screen them (one model call for all their sites);
@@ -228,6 +238,8 @@ class Worker:
             queue.audit(session, "reported" if done else "lease_lost", study_uid=study.study_uid,
                         sop_instance_uid=written[0][1] if written else None, detail=detail)
             session.commit()
+        if done and deliveries and self.on_results is not None:
+            self.on_results()
         log.info("study %s screened: %s%s", study.study_uid,
                  ", ".join(f"{f.site}={f.category or 'not assessable'}" for f in site_findings) or "no sites",
                  "" if written else " (nothing sent: no positive site)")

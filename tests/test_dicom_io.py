@@ -131,3 +131,30 @@ def test_truncated_pixel_data_is_unreadable():
     ds.PixelData = ds.PixelData[:1000]
     with pytest.raises(UnreadablePixels):
         display_values(ds)
+
+
+@pytest.mark.parametrize("variant", ["plain", "monochrome1", "rescale_window", "voi_lut_sequence", "signed"])
+def test_the_lookup_table_path_equals_the_chain_over_every_pixel(variant):
+    """display_values runs Modality → VOI → [0, 1] → inversion once per possible stored value and looks
+    pixels up; the result must be exactly the chain run over every pixel."""
+    from pydicom.dataset import Dataset as Item
+
+    from osteoscreen.pipeline.dicom_io import _to_unit
+    ds = make_dx(photometric="MONOCHROME1" if variant == "monochrome1" else "MONOCHROME2", seed=3)
+    if variant == "rescale_window":
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -20.0
+        ds.WindowCenter, ds.WindowWidth = 1000.0, 1500.0
+    if variant == "voi_lut_sequence":
+        item = Item()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.LUTData = [int(65535 * (v / 4095) ** 0.5) for v in range(4096)]
+        ds.VOILUTSequence = [item]
+    if variant == "signed":
+        raw = np.frombuffer(ds.PixelData, dtype=np.uint16).astype(np.int32)
+        ds.PixelRepresentation = 1
+        ds.PixelData = (raw - 2048).astype(np.int16).tobytes()
+    stored = ds.pixel_array
+    direct = _to_unit(stored, ds, sample=lambda v: v[::4, ::4])
+    looked_up = display_values(ds)
+    assert stored.dtype.kind in "iu" and looked_up.shape == stored.shape
+    np.testing.assert_array_equal(looked_up, direct)

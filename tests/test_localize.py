@@ -249,7 +249,7 @@ def test_learned_is_deterministic_and_small():
     first = locate_sites_learned(pixels, spacing, "lumbar", "ap")
     localize_net._load.cache_clear()  # a fresh load gives the same answer
     assert locate_sites_learned(pixels, spacing, "lumbar", "ap") == first
-    model = localize_net.loaded()  # speed is measured in benchmarks/bench_pelvis.py, not asserted here
+    model = localize_net.loaded()  # speed is measured by bench/inference.py, not asserted here
     assert localize_net.WEIGHTS_PATH.stat().st_size < 2_000_000
     info = model.info
     assert info["recipe"]["seed"] == 0 and "validation" in info["metrics"]

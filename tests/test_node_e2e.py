@@ -302,3 +302,21 @@ def test_destination_down_then_up_every_result_delivered_once(tmp_path):
             peer.stop()
     finally:
         node.stop()
+
+
+def test_roles_in_one_process_hand_work_on_without_waiting_for_their_polls(tmp_path, peer):
+    """In `serve`, a settled study wakes the worker and a finished study wakes the dispatcher: with the
+    worker's and the dispatcher's polls set to 10 minutes, results still arrive."""
+    node = NodeProcess(tmp_path / "var", peer.port)
+    node.stop()  # restart it with polls that would never fire within this test
+    node.env.update({"OSTEOSCREEN_POLL_SECONDS": "600", "OSTEOSCREEN_DISPATCH_POLL_SECONDS": "60"})
+    node.start()
+    try:
+        time.sleep(3)  # past the first scheduled ticks that fire on start
+        files, _ = write_study("hip", tmp_path / "in", seed=21)
+        sent = storescu(node.port, files)
+        assert sent.returncode == 0, sent.stderr
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert wait_for(lambda: results_for(peer, study_uid)["sr"], 45), node.log.read_text()[-3000:]
+    finally:
+        node.stop()

@@ -75,7 +75,7 @@ class LoadedModel:
     def __init__(self, path: Path | str, device: str = "auto", threads: int | None = None):
         """threads: torch's CPU thread count for this process (None leaves it alone). A study's few
         crops run fastest on one thread; torch's default of one per core costs ~100× on a loaded
-        2-core machine (benchmarks/README.md)."""
+        2-core machine (docs/BENCHMARKS.md)."""
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)

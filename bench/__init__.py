@@ -1,0 +1,1 @@
+"""Benchmarks of osteoscreen against references in the same run (not tests: nothing asserts a time)."""

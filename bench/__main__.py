@@ -1,0 +1,190 @@
+"""Run every benchmark, print one table, and write docs/BENCHMARKS.md with its plots.
+
+    python -m bench [--quick] [--only ingest,latency,throughput,inference,memory] [--workdir var/bench]
+                    [--doc docs/BENCHMARKS.md] [--no-doc]
+
+Each module (bench/<name>.py) measures osteoscreen beside a reference in the same run and returns
+rows (measure, value, unit, reference, ratio, target, met) and PNG plots; this runner only runs them
+one after another (never two at once: they would compete for the same cores), records the machine
+and its load, and writes the document. Not a test: nothing here fails on a time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ("ingest", "latency", "throughput", "inference", "memory")
+TITLES = {"ingest": "Ingest: DICOM C-STORE into the node vs DCMTK storescp",
+          "latency": "End-to-end latency inside a PACS (Orthanc)",
+          "throughput": "Sustained screening throughput",
+          "inference": "Model inference and the stages of one study",
+          "memory": "Memory of a node that screens"}
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["memory_gib"] = round(int(mem) / (1 << 20), 1)
+    except OSError:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - torch is optional for the record
+        info["cuda"] = None
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        info["commit"] = None
+    return info
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def fmt(value, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    else:
+        text = str(value)
+    return f"{text} {unit}".strip()
+
+
+def verdict(met) -> str:
+    return "–" if met is None else ("met" if met else "**missed**")
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        ratio = r.get("ratio")
+        out.append([r["measure"], fmt(r.get("value"), r.get("unit", "")),
+                    (f"{r['reference']}: {fmt(r.get('reference_value'), r.get('unit', ''))}"
+                     if r.get("reference") else "–"),
+                    "–" if ratio is None else f"{ratio:.2f}×", r.get("target") or "–", verdict(r.get("met"))])
+    return out
+
+
+HEADERS = ["measure", "osteoscreen", "reference (same run)", "ratio", "target", ""]
+
+
+def print_table(results: list[dict]) -> None:
+    rows = [[f"[{res['name']}] {c[0]}", *c[1:]] for res in results for c in table(res["rows"])]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADERS)]
+    print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.replace("**", "").ljust(w) for c, w in zip(r, widths)))
+
+
+def write_doc(path: Path, results: list[dict], info: dict, started: datetime, quick: bool,
+              loads: dict[str, float | None]) -> None:
+    assets = path.parent / "benchmarks"
+    assets.mkdir(parents=True, exist_ok=True)
+    lines = ["# Benchmarks", "",
+             "Written by `python -m bench` (`make bench`); every figure below comes from one run of it, with "
+             "its reference measured in the same run on the same machine. Nothing here is a test: the "
+             "suite never asserts a time.", "",
+             f"- run: {started:%Y-%m-%d %H:%M} UTC{' (--quick: smoke sizes, not representative)' if quick else ''}, "
+             f"commit {info.get('commit') or '?'}",
+             f"- machine: {info.get('cpu', '?')}, {info.get('cpus')} cores, {info.get('memory_gib', '?')} GiB, "
+             f"{'GPU ' + info['cuda'] if info.get('cuda') else 'no GPU'}; Python {info['python']}, "
+             f"torch {info.get('torch', '?')}",
+             "- load average (1 min) before each part: "
+             + ", ".join(f"{k} {v}" for k, v in loads.items()), "",
+             "## Targets", "", "| target | measured | |", "|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            if r.get("target"):
+                lines.append(f"| {r['target']} ({res['name']}: {r['measure']}) | "
+                             f"{fmt(r.get('value'), r.get('unit', ''))} | {verdict(r.get('met'))} |")
+    for res in results:
+        lines += ["", f"## {TITLES.get(res['name'], res['name'])}", ""]
+        if res.get("error"):
+            lines += [f"Failed in this run: `{res['error']}`", ""]
+        if res.get("summary"):
+            lines += [res["summary"], ""]
+        lines += ["| " + " | ".join(HEADERS[:-1]) + " | |", "|" + "---|" * len(HEADERS)]
+        lines += ["| " + " | ".join(c) + " |" for c in table(res["rows"])]
+        notes = [f"- {r['measure']}: {r['note']}" for r in res["rows"] if r.get("note")]
+        if notes:
+            lines += ["", *notes]
+        for plot in res.get("plots", []):
+            plot = Path(plot)
+            if plot.is_file():
+                target = assets / f"{res['name']}-{plot.name}"
+                shutil.copyfile(plot, target)
+                lines += ["", f"![{plot.stem}](benchmarks/{target.name})"]
+    path.write_text("\n".join(lines) + "\n")
+    (assets / "results.json").write_text(json.dumps({"machine": info, "started": started.isoformat(),
+                                                     "quick": quick, "load": loads, "results": results},
+                                                    indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke sizes: checks that every part runs (minutes)")
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(MODULES)}")
+    p.add_argument("--workdir", default=str(ROOT / "var" / "bench"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    p.add_argument("--no-doc", action="store_true", help="print the table only")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    names = tuple(args.only.split(",")) if args.only else MODULES
+    unknown = [n for n in names if n not in MODULES]
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
+    workdir = Path(args.workdir)
+    started = datetime.now(timezone.utc)
+    info = machine()
+    results, loads = [], {}
+    for name in names:
+        loads[name] = load_average()
+        part = workdir / name
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        print(f"== {name} (load {loads[name]})", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            module = importlib.import_module(f"bench.{name}")
+            res = module.run(quick=args.quick, workdir=part, progress=not args.quiet)
+        except Exception as exc:  # one part failing must not lose the others' figures
+            traceback.print_exc()
+            res = {"name": name, "rows": [], "plots": [], "raw": {}, "error": f"{type(exc).__name__}: {exc}"}
+        res["seconds"] = round(time.monotonic() - t0, 1)
+        results.append(res)
+    print()
+    print_table(results)
+    if not args.no_doc:
+        write_doc(Path(args.doc), results, info, started, args.quick, loads)
+        print(f"\nwrote {args.doc}")
+    return 1 if any(r.get("error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
