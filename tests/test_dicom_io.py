@@ -158,3 +158,35 @@ def test_the_lookup_table_path_equals_the_chain_over_every_pixel(variant):
     looked_up = display_values(ds)
     assert stored.dtype.kind in "iu" and looked_up.shape == stored.shape
     np.testing.assert_array_equal(looked_up, direct)
+
+
+def test_jpeg2000_is_decoded_at_a_reduced_resolution_with_the_same_findings():
+    """A JPEG 2000 image finer than the working grid is decoded only down to the resolution level the
+    pipeline needs (the codestream holds it); geometry and findings match the full decode."""
+    import copy
+
+    from pydicom.uid import JPEG2000Lossless
+
+    from osteoscreen.config import DEFAULT_MODEL
+    from osteoscreen.model.inference import LoadedModel
+    from osteoscreen.pipeline.dicom_io import reduced_jpeg2000
+    from osteoscreen.pipeline.screen import StudyImage, screen_study
+    from osteoscreen.synth import make_study
+    model = LoadedModel(DEFAULT_MODEL, "cpu", 1)
+    for seed, kind in ((101, "hip"), (102, "lumbar")):
+        images = make_study(kind, np.random.default_rng(seed), patient_index=seed)
+        plain = [StudyImage(copy.deepcopy(im.dataset), kind, im.view) for im in images]
+        j2k = []
+        for im in images:
+            ds = copy.deepcopy(im.dataset)
+            ds.compress(JPEG2000Lossless)
+            assert reduced_jpeg2000(ds, 1) is not None  # the reduced path is the one taken
+            a, b = load_radiograph(im.dataset), load_radiograph(ds)
+            assert a.source_shape == b.source_shape and a.pixels.shape == b.pixels.shape
+            assert abs(a.scale - b.scale) < 1e-3 and np.abs(a.pixels - b.pixels).mean() < 0.02
+            j2k.append(StudyImage(ds, kind, im.view))
+        for ra, rb in zip(screen_study(plain, model), screen_study(j2k, model)):
+            for fa, fb in zip(ra.sites, rb.sites):
+                assert (fa.site, fa.assessable, fa.category) == (fb.site, fb.assessable, fb.category)
+                if fa.t_score is not None:
+                    assert abs(fa.t_score - fb.t_score) < 0.15

@@ -52,12 +52,14 @@ def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float], bool]:
     return (FALLBACK_SPACING_MM, FALLBACK_SPACING_MM), False
 
 
-def display_values(ds: Dataset) -> np.ndarray:
-    """Stored pixels → float32 in [0, 1] with bone bright, as a reader would see them."""
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for bad pixel data
-        raise UnreadablePixels(f"{type(exc).__name__}: {exc}") from exc
+def display_values(ds: Dataset, stored: np.ndarray | None = None) -> np.ndarray:
+    """Stored pixels (ds.pixel_array unless given) → float32 in [0, 1] with bone bright, as a reader
+    would see them."""
+    if stored is None:
+        try:
+            stored = ds.pixel_array
+        except Exception as exc:  # pydicom raises many types for bad pixel data
+            raise UnreadablePixels(f"{type(exc).__name__}: {exc}") from exc
     if stored.ndim != 2:
         if stored.ndim == 3 and int(ds.get("NumberOfFrames", 1) or 1) > 1:
             stored = stored[0]
@@ -94,23 +96,71 @@ def _to_unit(values: np.ndarray, ds: Dataset, sample) -> np.ndarray:
     return values
 
 
-def resample(image: np.ndarray, factor: float) -> np.ndarray:
-    """Area-average down-sampling (or bilinear up-sampling) by `factor` in both axes."""
+def resample(image: np.ndarray, factor: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Area-average down-sampling (or bilinear up-sampling) by `factor` in both axes (to `size`, if given)."""
     rows, cols = image.shape
-    size = (max(1, round(rows * factor)), max(1, round(cols * factor)))
+    size = size or (max(1, round(rows * factor)), max(1, round(cols * factor)))
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     mode = "area" if factor < 1 else "bilinear"
     out = F.interpolate(t, size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))
     return out[0, 0].numpy()
 
 
+JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}  # lossless only, and lossless or lossy
+
+
+def reduced_jpeg2000(ds: Dataset, levels: int) -> np.ndarray | None:
+    """A single-frame JPEG 2000 image decoded `levels` wavelet resolution levels down (each halves the
+    rows and columns), or None where that does not apply. The codestream holds these lower
+    resolutions already: decoding only them skips most of the work (a 17 MB pelvis: 1.2 s → 0.1 s).
+    The low-pass band can overshoot the stored range slightly; it is clipped to it."""
+    if levels < 1 or str(getattr(ds.file_meta, "TransferSyntaxUID", "")) not in JPEG2000 \
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    try:
+        import io
+
+        from PIL import Image
+        from pydicom.encaps import generate_fragmented_frames
+        codestream = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+        # a raw codestream (SOC, SIZ) of one unsigned component; its sample precision, because Pillow
+        # scales samples of fewer than 16 bits up to 16
+        if codestream[:4] != b"\xff\x4f\xff\x51" or codestream[40:42] != b"\x00\x01" or codestream[42] & 0x80:
+            return None
+        precision = (codestream[42] & 0x7F) + 1
+        if precision > 16:
+            return None
+        with Image.open(io.BytesIO(codestream)) as im:
+            im.reduce = levels
+            im.load()
+            values = np.asarray(im).astype(np.int32) >> (16 - precision) if im.mode == "I;16" else None
+    except Exception:  # noqa: BLE001 - anything odd: pydicom decodes the full image instead
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if values is None or values.ndim != 2 or abs(values.shape[0] * (1 << levels) - rows) > (1 << levels) \
+            or abs(values.shape[1] * (1 << levels) - cols) > (1 << levels):
+        return None
+    return np.clip(values, 0, (1 << precision) - 1).astype(np.uint16)
+
+
 def load_radiograph(ds: Dataset, working_spacing_mm: float = WORKING_SPACING_MM) -> Radiograph:
-    values = display_values(ds)
     (row_mm, col_mm), known = pixel_spacing(ds)
     # Square pixels are the norm for DX/CR; use the mean if a detector reports a small asymmetry.
     spacing = (row_mm + col_mm) / 2.0
-    scale = min(1.0, spacing / working_spacing_mm)
-    pixels = resample(values, scale) if scale < 1.0 else values
+    source_shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    # JPEG 2000: decode at the coarsest resolution level still finer than the working grid
+    levels = int(np.floor(np.log2(working_spacing_mm / spacing))) if spacing < working_spacing_mm else 0
+    scale = min(1.0, spacing / working_spacing_mm)  # working pixels per source pixel
+    reduced = reduced_jpeg2000(ds, levels)
+    if reduced is not None:
+        values = display_values(ds, reduced)
+        # to exactly the grid a full decode would give, so that geometry does not depend on the codec
+        size = (max(1, round(source_shape[0] * scale)), max(1, round(source_shape[1] * scale)))
+        pixels = resample(values, scale * source_shape[0] / values.shape[0], size=size)
+    else:
+        values = display_values(ds)
+        source_shape = values.shape
+        pixels = resample(values, scale) if scale < 1.0 else values
     eff = spacing / scale
-    return Radiograph(pixels=pixels, spacing_mm=(eff, eff), source_shape=values.shape, scale=scale,
+    return Radiograph(pixels=pixels, spacing_mm=(eff, eff), source_shape=source_shape, scale=scale,
                       spacing_known=known)
