@@ -114,9 +114,10 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
     require_tool("storescu")
     n_files, rounds, modes = (4, 1, (1, 4)) if quick else (20, 5, (1, 4))
     workdir = Path(workdir)
-    files_dir, pacs_dir, pacs_fork_dir, bare_dir, storage = (
-        workdir / d for d in ("files", "storescp", "storescp-fork", "pynetdicom", "node-var"))
-    targets = ("storescp", "pynetdicom", "node")
+    files_dir, pacs_dir, pacs_fork_dir, bare_dir, storage, storage2 = (
+        workdir / d for d in ("files", "storescp", "storescp-fork", "pynetdicom", "node-var", "node2-var"))
+    # node2: the same listener with listen_processes = 2 (two processes on the port, SO_REUSEPORT)
+    targets = ("storescp", "pynetdicom", "node", "node2")
     for d in (files_dir, pacs_dir, pacs_fork_dir, bare_dir):
         d.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(n_files + rounds * len(modes) * len(targets), "ingest", progress)
@@ -155,7 +156,12 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
         node = Proc([*OSTEOSCREEN, "listen", "--port", str(node_port), "--storage", str(storage)],
                     workdir / "listen.log", env=env, port=node_port)
         procs.append(node)
+        node2_port = free_port()
+        node2 = Proc([*OSTEOSCREEN, "listen", "--port", str(node2_port), "--storage", str(storage2)],
+                     workdir / "listen2.log", env={**env, "OSTEOSCREEN_LISTEN_PROCESSES": "2"}, port=node2_port)
+        procs.append(node2)
         db_path, spool = storage / "osteoscreen.db", storage / "spool"
+        db2_path, spool2 = storage2 / "osteoscreen.db", storage2 / "spool"
         raw["listener_rss_before_mb"] = hwm_mb(node.pid)
         with PeakRSS([node.pid]) as node_peak, PeakRSS([storescp.pid, storescp_fork.pid]) as scp_peak:
             for r in range(rounds):
@@ -180,11 +186,13 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                             got = _count_files(bare_dir)
                             _clear(bare_dir)
                         else:
-                            before = _instances(db_path)
+                            port, db, folder = ((node_port, db_path, spool) if target == "node" else
+                                                (node2_port, db2_path, spool2))
+                            before = _instances(db)
                             os.sync()
-                            elapsed = _send(node_port, files, m, "OSTEOSCREEN")
-                            got = _instances(db_path) - before
-                            _clear(spool)
+                            elapsed = _send(port, files, m, "OSTEOSCREEN")
+                            got = _instances(db) - before
+                            _clear(folder)
                         if got != len(files):
                             raise RuntimeError(f"{target} received {got} of {len(files)} files")
                         raw["mb_per_s"][f"{target}_{m}"].append(total_bytes / elapsed / 1e6)
@@ -220,6 +228,12 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                              f"rotated between rounds, storescu wall time; {fair}" if m == 1 else
                              f"files split over {m} storescu processes started together, wall time to the last; "
                              f"median of {rounds} round(s)"))
+        two = mbps[f"node2_{m}"]
+        rows.append(row(f"ingest MB/s, {label}, listen_processes=2", two, "MB/s",
+                        reference=f"storescp{' --fork' if m > 1 else ''}", reference_value=ref,
+                        target=f"≥ {TARGET_RATIO}× storescp", met=two / ref >= TARGET_RATIO,
+                        note="two receiving processes on the port (SO_REUSEPORT): the kernel spreads the "
+                             "associations over them, as storescp --fork spreads them over processes"))
         rows.append(row(f"ingest MB/s, {label}, vs bare pynetdicom", ours, "MB/s",
                         reference="pynetdicom SCP (no fsync, no DB)", reference_value=bare_mbps,
                         note="the library the node is built on, receiving the same way (data set streamed to a "
@@ -238,7 +252,8 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                      "MB/s (median)", [f"{m} sender{'s' if m > 1 else ''}" for m in modes],
                      {"DCMTK storescp (no fsync)": [mbps[f"storescp_{m}"] for m in modes],
                       "bare pynetdicom SCP (no fsync)": [mbps[f"pynetdicom_{m}"] for m in modes],
-                      "osteoscreen listen (fsync + DB)": [mbps[f"node_{m}"] for m in modes]})
+                      "osteoscreen listen (fsync + DB)": [mbps[f"node_{m}"] for m in modes],
+                      "osteoscreen listen, 2 processes": [mbps[f"node2_{m}"] for m in modes]})
     summary = (f"The same {n_files} full-size pelvis AP files ({size_mb:.0f} MB) sent by DCMTK storescu, "
                f"{rounds} rounds with fresh UIDs each and the target order rotated, to DCMTK storescp "
                f"({' '.join(STORESCP_OPTS)}; --fork for concurrent senders), to a bare pynetdicom SCP and to "

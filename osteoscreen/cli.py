@@ -45,7 +45,7 @@ def cmd_run_roles(args) -> int:
         roles = ROLES + (("web",) if settings.web.enabled else ())
     else:
         roles = (args.command,)
-    run_until_signal(Node(settings, roles))
+    run_until_signal(Node(settings, roles, receive_only=getattr(args, "receive_only", False)))
     return 0
 
 
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         _node_flags(p)
         if name == "serve":
             p.add_argument("--http-port", type=int, help="the dashboard's HTTP port (web.port, default 8080)")
+        if name == "listen":  # a child started by listen_processes > 1: receives only (no timers)
+            p.add_argument("--receive-only", action="store_true", help=argparse.SUPPRESS)
         p.set_defaults(func=cmd_run_roles)
 
     p = sub.add_parser("synth", help="write synthetic phantom radiographs with known T-scores")

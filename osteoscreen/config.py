@@ -127,6 +127,8 @@ class Settings:
     max_dataset_bytes: int = 1 << 30  # larger C-STORE data sets are refused (0xA700); 0 = no limit
     min_free_disk_mb: int = 1024  # below this free space on the spool's disk, C-STORE gets 0xA700; 0 = off
     max_queued_jobs: int = 10000  # queued + running screening jobs above which C-STORE gets 0xA700; 0 = off
+    # processes receiving on the DICOM port (SO_REUSEPORT, Linux): concurrent senders use more than one core
+    listen_processes: int = 1
     tls: TLS = field(default_factory=TLS)
     # worker
     model_path: Path = DEFAULT_MODEL
@@ -248,6 +250,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("settle_seconds must be >= 0")
     if s.model_threads < 1:
         raise ConfigError(f"model_threads must be at least 1, got {s.model_threads}")
+    if not 1 <= s.listen_processes <= 64:
+        raise ConfigError(f"listen_processes must be between 1 and 64, got {s.listen_processes}")
     if s.worker_batch_studies < 1:
         raise ConfigError(f"worker_batch_studies must be at least 1, got {s.worker_batch_studies}")
     if s.device not in ("auto", "cpu", "cuda"):
@@ -343,3 +347,19 @@ def _validate_web(w: Web) -> None:
         raise ConfigError("web.session_hours must be > 0")
     if w.page_size < 1:
         raise ConfigError("web.page_size must be at least 1")
+
+
+def dump(s: Settings) -> dict:
+    """Settings as a config.yaml mapping (paths as text, destinations as AET@HOST:PORT[?tls]): what a
+    child process is started with, so that it runs with exactly its parent's settings."""
+    def plain(value):
+        if isinstance(value, Destination):
+            return str(value)
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+    return plain(s)

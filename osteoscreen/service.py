@@ -24,9 +24,13 @@ ROLES = ("listen", "work", "dispatch")  # `serve` runs these, plus `web` when we
 class Node:
     """Running roles; start() returns at once, stop() shuts them down in reverse order."""
 
-    def __init__(self, settings: Settings, roles: tuple[str, ...] = ROLES, db: Database | None = None):
+    def __init__(self, settings: Settings, roles: tuple[str, ...] = ROLES, db: Database | None = None,
+                 receive_only: bool = False):
+        """receive_only: a child receiving process of listen_processes (no timers, no children)."""
         self.settings = settings
         self.roles = roles
+        self.receive_only = receive_only
+        self.receivers = None
         self.db = db or Database(settings.db_url)
         self.listener = Listener(settings, self.db) if "listen" in roles else None
         self.worker = None
@@ -36,7 +40,8 @@ class Node:
         # Roles in one process hand work on at once (a study settles → the worker looks; results are
         # written → the dispatcher sends) instead of waiting for their next poll; across processes the
         # polls (poll_seconds, dispatch_poll_seconds) do it.
-        self.scheduler = build_scheduler(settings, self.db, settle="listen" in roles, dispatch="dispatch" in roles,
+        self.scheduler = build_scheduler(settings, self.db, settle="listen" in roles and not receive_only,
+                                         dispatch="dispatch" in roles, retention=False if receive_only else None,
                                          on_jobs_queued=self.worker.notify if self.worker else None)
         if self.worker and "dispatch" in roles:
             self.worker.on_results = lambda: wake(self.scheduler, "dispatch")
@@ -68,6 +73,10 @@ class Node:
             self.worker.start()
         if self.listener:
             self.listener.start()
+            if self.settings.listen_processes > 1 and not self.receive_only and self.listener.port:
+                from .node.receivers import ReceiverProcesses
+                self.receivers = ReceiverProcesses(self.settings, self.listener.port)
+                self.receivers.start()
         if self.web:
             self.web.start()
         self._beat()
@@ -78,6 +87,8 @@ class Node:
     def stop(self) -> None:
         if self.web:
             self.web.stop()
+        if self.receivers:
+            self.receivers.stop()
         if self.listener:
             self.listener.stop()
         self.scheduler.shutdown(wait=True)

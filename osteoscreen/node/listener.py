@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import struct
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse, dimse_messages, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 
 from ..config import Settings
@@ -231,6 +233,12 @@ def _pixel_problem(ds, pixel: tuple[int, int, int] | None, size: int, syntax: UI
     return None
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Listener:
     def __init__(self, settings: Settings, db: Database):
         self.settings = settings
@@ -244,6 +252,8 @@ class Listener:
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self._servers = []
+        # bind the plain port with SO_REUSEPORT (set when listen_processes > 1: parent and children)
+        self.shared_port = settings.listen_processes > 1
         self.port: int | None = None
         self.tls_port: int | None = None
         self.received = 0
@@ -266,10 +276,14 @@ class Listener:
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted),
                     (evt.EVT_CONN_CLOSE, self._on_conn_close), (evt.EVT_FSM_TRANSITION, self._on_transition)]
         if not t.enabled or t.keep_plain_port:
-            server = self.ae.start_server((s.bind_address, s.port), block=False, evt_handlers=handlers)
+            if self.shared_port:
+                server = self._start_shared_server((s.bind_address, s.port), handlers)
+            else:
+                server = self.ae.start_server((s.bind_address, s.port), block=False, evt_handlers=handlers)
             self._servers.append(server)
             self.port = server.server_address[1]
-            log.info("listening as %s on port %d", s.ae_title, self.port)
+            log.info("listening as %s on port %d%s", s.ae_title, self.port,
+                     " (port shared with the other receiving processes)" if self.shared_port else "")
         if t.enabled:
             server = self.ae.start_server((s.bind_address, t.port), block=False, evt_handlers=handlers,
                                           ssl_context=tls_contexts.server_context(t))
@@ -281,6 +295,14 @@ class Listener:
                      "required" if t.require_client_certificate else "optional")
         if s.allowed_calling_aets:
             log.info("accepting calling AE titles: %s", ", ".join(s.allowed_calling_aets))
+
+    def _start_shared_server(self, address: tuple[str, int], handlers):
+        """The plain DICOM port with SO_REUSEPORT, so that several receiving processes accept on it and
+        the kernel spreads the associations over them (`listen_processes`)."""
+        server = self.ae.make_server(address, evt_handlers=handlers, server_class=_SharedPortServer)
+        threading.Thread(target=server.serve_forever, name="AcceptorServer-shared", daemon=True).start()
+        self.ae._servers.append(server)  # as start_server does: server.shutdown() removes it from there
+        return server
 
     def stop(self) -> None:
         for server in self._servers:
