@@ -46,9 +46,10 @@ HISTORY = (
     "per possible stored value and the image is a table lookup; the output is identical.",
     "**Listener memory: 340 MB → about 110 MB.** The `listen` and `dispatch` roles imported the worker and "
     "with it torch; the worker is now imported only where it runs.",
-    "**Ingest with 4 concurrent senders: 0.36-0.44× → about 0.7× storescp --fork.** The node equals a bare "
-    "pynetdicom receiver there (one Python process receives on one core at a time); `listen_processes: 2` "
-    "puts a second receiving process on the port (SO_REUSEPORT). The 0.9× target is still missed on 2 cores.",
+    "**Ingest with 4 concurrent senders: 0.36-0.52× → 0.71× (2 processes) and 0.83× (4 processes) of "
+    "storescp --fork; the 0.9× target is still missed.** The node equals a bare pynetdicom receiver there (one Python process receives on one "
+    "core at a time); `listen_processes: N` puts N receiving processes on the port (SO_REUSEPORT), as "
+    "storescp --fork runs a process per association.",
 )
 
 
