@@ -107,6 +107,10 @@ def run_until_signal(node: Node) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node.start()
-    stop.wait()
+    # Wait with a timeout: the kernel may deliver SIGTERM to any thread (listener, web, worker), and
+    # Python runs the handler only when the main thread next runs; a wait without a timeout could
+    # then sleep through it.
+    while not stop.wait(0.5):
+        pass
     log.info("stopping")
     node.stop()

@@ -68,13 +68,14 @@ class Peer:
 
 
 class NodeProcess:
-    def __init__(self, storage: Path, destination_port: int, settle: float = 1.0, port: int | None = None):
+    def __init__(self, storage: Path, destination_port: int, settle: float = 1.0, port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.storage, self.port = storage, port or free_port()
         self.log = storage.parent / f"node-{self.port}.log"
         self.args = [*OSTEOSCREEN, "serve", "--port", str(self.port), "--storage", str(storage),
                      "--destination", f"PACS@127.0.0.1:{destination_port}"]
         self.env = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(settle), "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1",
-                    "OSTEOSCREEN_WEB__PORT": "0"}  # the dashboard on a free port
+                    "OSTEOSCREEN_WEB__PORT": "0", **(env or {})}  # the dashboard on a free port
         self.start()
 
     def start(self):
@@ -307,10 +308,8 @@ def test_destination_down_then_up_every_result_delivered_once(tmp_path):
 def test_roles_in_one_process_hand_work_on_without_waiting_for_their_polls(tmp_path, peer):
     """In `serve`, a settled study wakes the worker and a finished study wakes the dispatcher: with the
     worker's and the dispatcher's polls set to 10 minutes, results still arrive."""
-    node = NodeProcess(tmp_path / "var", peer.port)
-    node.stop()  # restart it with polls that would never fire within this test
-    node.env.update({"OSTEOSCREEN_POLL_SECONDS": "600", "OSTEOSCREEN_DISPATCH_POLL_SECONDS": "60"})
-    node.start()
+    node = NodeProcess(tmp_path / "var", peer.port,
+                       env={"OSTEOSCREEN_POLL_SECONDS": "600", "OSTEOSCREEN_DISPATCH_POLL_SECONDS": "60"})
     try:
         time.sleep(3)  # past the first scheduled ticks that fire on start
         files, _ = write_study("hip", tmp_path / "in", seed=21)
@@ -320,3 +319,14 @@ def test_roles_in_one_process_hand_work_on_without_waiting_for_their_polls(tmp_p
         assert wait_for(lambda: results_for(peer, study_uid)["sr"], 45), node.log.read_text()[-3000:]
     finally:
         node.stop()
+    assert node.proc.returncode == 0 and "stopping" in node.log.read_text()
+
+
+def test_a_stop_right_after_start_is_obeyed(tmp_path, peer):
+    """SIGTERM while the node is still starting (its threads busy) stops it: the signal may land on any
+    thread, and the main thread must still notice."""
+    for _ in range(3):
+        node = NodeProcess(tmp_path / "var", peer.port)
+        node.proc.terminate()
+        node.proc.wait(60)
+        assert node.proc.returncode == 0, node.log.read_text()[-2000:]
