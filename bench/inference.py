@@ -302,55 +302,6 @@ class _Clock:
         self._t = now
 
 
-def _timed_predict(model, crops, covs, types, clock: _Clock):
-    """LoadedModel._predict_batch (+ predict's OOD distance) step by step: 'infer' = the network's
-    passes (identity view with autograd on, the TTA views) and the OOD distance; 'gradcam' = the
-    backward pass to the 16×16 map and the map itself. Returns the probabilities and CAMs."""
-    import torch
-    from osteoscreen.model.inference import TTA_VIEWS, mahalanobis, tta_batch
-    net = model.net
-    x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None].to(model.device)
-    cov = torch.from_numpy(np.asarray(covs, dtype=np.float32)).to(model.device)
-    st = torch.from_numpy(np.asarray(types, dtype=np.int64)).to(model.device)
-    with torch.no_grad():
-        early = net.early_features(x)
-    early = early.detach().requires_grad_(True)
-    fmap = net.stage3(early)
-    logits, t_norm, implant = net.heads(fmap, cov, st)
-    clock.lap("infer")
-    predicted = logits.argmax(dim=1)
-    score = logits.gather(1, predicted[:, None]).sum()
-    grads, grads8 = torch.autograd.grad(score, [early, fmap])
-    with torch.no_grad():
-        cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * early).sum(dim=1, keepdim=True))
-        cam8 = torch.relu((grads8.mean(dim=(2, 3), keepdim=True) * fmap).sum(dim=1, keepdim=True))
-        empty = cam.flatten(1).amax(dim=1) <= 0
-        if empty.any():
-            cam[empty] = torch.nn.functional.interpolate(cam8[empty], size=cam.shape[-2:], mode="bilinear",
-                                                         align_corners=False)
-        cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        cam = cam / cam.flatten(1).max(dim=1).values.clamp_min(1e-8)[:, None, None]
-        cams = cam.cpu().numpy()
-    clock.lap("gradcam")
-    with torch.no_grad():
-        logits, t_norm = logits.detach(), t_norm.detach()
-        if model.tta:
-            for view in TTA_VIEWS[1:]:
-                lg, tn = net(tta_batch(x, *view), cov, st)
-                logits, t_norm = logits + lg, t_norm + tn
-            logits, t_norm = logits / len(TTA_VIEWS), t_norm / len(TTA_VIEWS)
-        probs = torch.softmax(logits / model.temperature, dim=1).cpu().numpy()
-        tscores = (t_norm * model.t_std + model.t_mean).cpu().numpy()
-        emb = fmap.detach().mean(dim=(2, 3)).cpu().numpy()
-        torch.sigmoid(implant.detach()).cpu().numpy()
-    for st_value, (mean, precision, _) in model.ood.items():
-        m = np.asarray(types) == st_value
-        if m.any():
-            mahalanobis(emb[m].astype(np.float64), mean, precision)
-    clock.lap("infer")
-    return probs, tscores, cams
-
-
 def staged(files: list[Path], kind: str, views: list[str], model, objects_dir: Path, destination) -> dict:
     """One pass through screen_study's steps and the worker's result objects, each timed (seconds)."""
     from pydicom import dcmread
@@ -405,8 +356,9 @@ def staged(files: list[Path], kind: str, views: list[str], model, objects_dir: P
         clock.lap("crop")
         dss.append(ds)
         per_image.append((ds, result, pixels, scale, crops))
-    probs, tscores, cams = _timed_predict(model, np.stack(crops_all), np.array(covs_all, np.float32), np.array(types_all),
-                                 clock)
+    # the model's own predict, told to report the end of each stage (network + TTA + OOD; Grad-CAM)
+    pred = model.predict(np.stack(crops_all), np.array(covs_all, np.float32), np.array(types_all), lap=clock.lap)
+    probs, cams = pred.probabilities, pred.cams
     k = 0
     for ds, result, pixels, scale, crops in per_image:
         heat = np.zeros(pixels.shape, dtype=np.float32)
@@ -417,12 +369,12 @@ def staged(files: list[Path], kind: str, views: list[str], model, objects_dir: P
                 site=loc.site, source_sop_instance_uid=result.sop_instance_uid, source_sop_class_uid=result.sop_class_uid,
                 assessable=True, box=tuple(int(round(v / scale)) for v in loc.box), confidence=float(loc.confidence),
                 category=CLASSES[int(np.argmax(p))], probabilities={c: round(float(v), 4) for c, v in zip(CLASSES, p)},
-                t_score=float(tscores[k, 0])))
+                t_score=float(pred.t_scores[k])))
             names = SITE_REGIONS.get(loc.site)
             if names and model.region_names:
                 f = result.sites[-1]
                 f.regions = {names[0]: f.t_score}
-                f.regions.update({r: float(tscores[k, j + 1]) for j, r in enumerate(model.region_names) if r in names})
+                f.regions.update({r: float(pred.region_t_scores[r][k]) for r in model.region_names if r in names})
             k += 1
         factor = min(1.0, DISPLAY_MAX_SIDE / max(pixels.shape))
         display = resample(pixels, factor) if factor < 1 else pixels

@@ -74,16 +74,12 @@ def cmd_hash_password(args) -> int:
 def cmd_health(args) -> int:
     """Exit 0 when a process with the role wrote a heartbeat within --max-age (container health checks)."""
     import socket
-    from datetime import timedelta
     from .store.heartbeat import alive
-    from .store.models import utcnow
     settings, db = _database(args, migrate=False)
     try:
         with db.session() as session:
-            now = utcnow()
-            found = [p for p in alive(session, now, role=args.role,
-                                      host=socket.gethostname()[:128] if args.this_host else None)
-                     if p.last_seen_at >= now - timedelta(seconds=args.max_age)]
+            found = alive(session, role=args.role, host=socket.gethostname()[:128] if args.this_host else None,
+                          max_age=args.max_age)
     except Exception as exc:  # database away or schema behind: unhealthy, said in one line
         print(f"unhealthy: database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -412,3 +412,33 @@ def test_formatting_helpers():
 def test_control_characters_from_dicom_text_never_reach_the_terminal():
     from osteoscreen.admin.tables import cell
     assert cell("Doe^Jane\x1b[2J\x07\r\nX") == "Doe^Jane [2J X"
+
+
+def test_health_answers_from_heartbeats_for_container_checks(tmp_path, capsys):
+    """`osteoscreen health --role R [--this-host] [--max-age S]`: exit 0 only when such a process wrote
+    its heartbeat recently enough."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from osteoscreen.store.db import Database
+    from osteoscreen.store.heartbeat import Heartbeat
+    from osteoscreen.store.models import ProcessHeartbeat, utcnow
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    db = Database(url)
+    beat = Heartbeat(("work", "dispatch"), "test")
+    with db.session() as s:
+        beat.beat(s)
+
+    def health(*argv):
+        code = main(["health", "--database-url", url, *argv])
+        capsys.readouterr()
+        return code
+    assert health("--role", "work") == 0 and health("--role", "dispatch", "--this-host") == 0
+    assert health("--role", "listen") == 1
+    with db.session() as s:  # 45 s silent: dead by default, alive for a check that allows a minute
+        s.execute(update(ProcessHeartbeat).values(last_seen_at=utcnow() - timedelta(seconds=45)))
+        s.commit()
+    assert health("--role", "work") == 1 and health("--role", "work", "--max-age", "60") == 0
+    db.dispose()
+    assert health("--role", "work", "--database-url", f"sqlite:///{tmp_path / 'missing' / 'x.db'}") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,11 +99,13 @@ class LoadedModel:
                               checksum=file_sha256(self.path))
 
     def predict(self, crops: np.ndarray, covariates: np.ndarray, site_types: np.ndarray,
-                batch_size: int = 32) -> Prediction:
-        """crops: N×S×S normalised; covariates: N×7; site_types: N ints."""
+                batch_size: int = 32, lap: Callable[[str], None] | None = None) -> Prediction:
+        """crops: N×S×S normalised; covariates: N×7; site_types: N ints. lap(stage), if given, is called
+        as each stage ends ("infer", "gradcam"): how bench/inference.py times them."""
         site_types = np.asarray(site_types, dtype=np.int64)
-        parts = [self._predict_batch(crops[i:i + batch_size], covariates[i:i + batch_size], site_types[i:i + batch_size])
-                 for i in range(0, len(crops), batch_size)]
+        lap = lap or (lambda stage: None)
+        parts = [self._predict_batch(crops[i:i + batch_size], covariates[i:i + batch_size], site_types[i:i + batch_size],
+                                     lap) for i in range(0, len(crops), batch_size)]
         if not parts:
             s = crops.shape[-1] if crops.ndim == 3 else 0
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
@@ -117,9 +120,10 @@ class LoadedModel:
                 if m.any():
                     dist[m], limit[m] = mahalanobis(embs[m].astype(np.float64), mean, precision), threshold
             pred.ood_distance, pred.ood_threshold = dist, limit
+        lap("infer")
         return pred
 
-    def _predict_batch(self, crops, covariates, site_types):
+    def _predict_batch(self, crops, covariates, site_types, lap):
         x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None].to(self.device)
         cov = torch.from_numpy(np.asarray(covariates, dtype=np.float32)).to(self.device)
         st = torch.from_numpy(np.asarray(site_types, dtype=np.int64)).to(self.device)
@@ -128,6 +132,7 @@ class LoadedModel:
         early = early.detach().requires_grad_(True)
         fmap = self.net.stage3(early)
         logits, t_norm, implant = self.net.heads(fmap, cov, st)
+        lap("infer")
         predicted = logits.argmax(dim=1)
         score = logits.gather(1, predicted[:, None]).sum()
         grads, grads8 = torch.autograd.grad(score, [early, fmap])
@@ -142,6 +147,7 @@ class LoadedModel:
             cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-8)
             cam = cam / peak[:, None, None]
+            lap("gradcam")
             logits, t_norm = logits.detach(), t_norm.detach()
             if self.tta:  # the identity view above gives the CAM and the features; the others only vote
                 for view in TTA_VIEWS[1:]:

@@ -44,10 +44,10 @@ class Heartbeat:
 
 
 def alive(session: Session, now: datetime | None = None, role: str | None = None,
-          host: str | None = None) -> list[ProcessHeartbeat]:
-    """Processes seen within STALE_AFTER_SECONDS, optionally running `role` on `host`."""
+          host: str | None = None, max_age: float = STALE_AFTER_SECONDS) -> list[ProcessHeartbeat]:
+    """Processes seen within max_age seconds, optionally running `role` on `host`."""
     now = now or utcnow()
     rows = session.scalars(select(ProcessHeartbeat).where(
-        ProcessHeartbeat.last_seen_at >= now - timedelta(seconds=STALE_AFTER_SECONDS))
+        ProcessHeartbeat.last_seen_at >= now - timedelta(seconds=max_age))
         .order_by(ProcessHeartbeat.host, ProcessHeartbeat.started_at)).all()
     return [r for r in rows if (role is None or role in r.roles.split(",")) and (host is None or r.host == host)]
