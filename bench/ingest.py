@@ -6,7 +6,7 @@ the node's listener.
 Files: full-size synthetic pelvis AP radiographs (`synth.make_study("hip")`, 8-10 MB each, Explicit VR
 Little Endian; 20, or 4 with --quick). Targets, all real processes on this machine, started once and
 kept running across rounds:
-- reference: `storescp -pdu 65536 +B -od DIR` (DCMTK 3.6; the node's PDU size, data written as received:
+- reference: `storescp -pdu 131072 +B -od DIR` (DCMTK 3.6; the node's PDU size, data written as received:
   its fastest mode here; a second one with `--fork` for the concurrent case, since a plain storescp
   serves one association at a time). storescp writes each file and never calls fsync
   (checked with strace: no fsync/fdatasync/syncfs), so its files may still be in the page cache when it
@@ -14,9 +14,16 @@ kept running across rounds:
 - second reference: a bare pynetdicom storage SCP (`BARE_SCP` below): the library the node is built on,
   streaming each data set to a file and moving it into a folder, nothing else (no fsync, no database);
 - osteoscreen: `osteoscreen listen --storage DIR` (SQLite default, settle time one day so no screening
-  starts): each image is streamed to spool/tmp, its header checked, fsynced, renamed, its folder
-  fsynced, and its rows (study, instance, audit event) committed with SQLite synchronous=FULL before
-  Success.
+  starts): each image is streamed to spool/tmp, its header checked, renamed into the spool, the file
+  and its folder fsynced, and its rows (study, instance, audit event) committed with SQLite
+  synchronous=FULL before Success; a second node with listen_processes=4;
+- the disk's own ceiling for durable files: the same files written and fsynced (file and folder) by
+  this process, no network, 1 or 4 threads: no receiver that makes each file durable before it
+  answers can be faster than this on this disk.
+
+CPU: the CPU time (user + system) of each receiver's processes (storescp --fork's children included)
+and of the storescu senders, per MB received: on a 2-core machine shared by 4 senders and 4 receiving
+processes, that, not the disk, is what bounds the concurrent case.
 
 Each round writes the files again with fresh Study/Series/SOP Instance UIDs (a re-sent SOP instance
 is a duplicate to the node), calls sync() before each send, and sends them to every target in an order
@@ -28,24 +35,27 @@ over rounds.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .common import (OSTEOSCREEN, Proc, bar_chart, cli, free_port, load_average, median, osteoscreen_env,
                      progress_bar, renew_uids, require_tool, row, storescu_args)
-from .memory import PeakRSS, hwm_mb
+from .memory import PeakRSS, hwm_mb, tree_cpu_seconds
 
 TARGET_RATIO = 0.9
-# storescp at its fastest here: the node's receive PDU size (max_pdu 65536; storescp's default is 16384)
-# and +B, writing the data set as it was received (no re-encoding), the closest to the node's streaming.
-# On this machine that was about 10-20 % faster than plain `storescp -od DIR`.
-STORESCP_OPTS = ["-pdu", "65536", "+B"]
+# storescp at its fastest here: the node's receive PDU size (max_pdu 131072, DCMTK's largest; storescp's
+# default is 16384) and +B, writing the data set as it was received (no re-encoding), the closest to the
+# node's streaming. On this machine that was about 10-20 % faster than plain `storescp -od DIR`.
+STORESCP_OPTS = ["-pdu", "131072", "+B"]
 
 # A second reference: the bare DICOM library the node is built on, pynetdicom, as a storage SCP that
 # streams each data set to a file (as the node does) and moves it into a folder: no fsync, no header
@@ -61,7 +71,7 @@ os.makedirs(os.path.join(out, "tmp"), exist_ok=True)
 tempfile.tempdir = os.path.join(out, "tmp")  # the receive file on the same disk: adopting it is a rename
 _config.STORE_RECV_CHUNKED_DATASET = True
 ae = AE(ae_title="BARE")
-ae.maximum_pdu_size = 65536  # as the node's max_pdu default
+ae.maximum_pdu_size = 131072  # as the node's max_pdu default
 ae.require_called_aet = False
 ae.add_supported_context(Verification)
 for cx in AllStoragePresentationContexts:
@@ -86,6 +96,40 @@ def _send(port: int, files: list[Path], senders: int, called: str) -> float:
         if p.returncode != 0:
             raise RuntimeError(f"storescu to port {port} failed ({p.returncode}): {err[-2000:]}")
     return elapsed
+
+
+def _durable_copy(files: list[Path], folder: Path, threads: int) -> float:
+    """Write each file's bytes into `folder` under a new name and fsync it and the folder, from `threads`
+    threads (the disk's ceiling for a receiver that makes each file durable, no network); returns the
+    wall time in seconds."""
+    def work(part: list[Path]) -> None:
+        for path in part:
+            data = path.read_bytes()
+            target = folder / f"{uuid.uuid4().hex}.dcm"
+            with open(target, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    parts = [files[i::threads] for i in range(threads)]
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(part,)) for part in parts if part]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - t0
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children (the storescu senders) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _clear(folder: Path) -> None:
@@ -117,11 +161,13 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
     require_tool("storescu")
     n_files, rounds, modes = (4, 1, (1, 4)) if quick else (20, 5, (1, 4))
     workdir = Path(workdir)
-    files_dir, pacs_dir, pacs_fork_dir, bare_dir, storage, storage2 = (
-        workdir / d for d in ("files", "storescp", "storescp-fork", "pynetdicom", "node-var", "node2-var"))
-    # node2: the same listener with listen_processes = LISTEN_PROCESSES (processes on the port, SO_REUSEPORT)
-    targets = ("storescp", "pynetdicom", "node", "node2")
-    for d in (files_dir, pacs_dir, pacs_fork_dir, bare_dir):
+    files_dir, pacs_dir, pacs_fork_dir, bare_dir, storage, storage2, disk_dir = (
+        workdir / d for d in ("files", "storescp", "storescp-fork", "pynetdicom", "node-var", "node2-var",
+                              "durable"))
+    # node2: the same listener with listen_processes = LISTEN_PROCESSES (processes on the port, SO_REUSEPORT);
+    # disk: the same bytes written and fsynced with no network (the durable-write ceiling)
+    targets = ("storescp", "pynetdicom", "node", "node2", "disk")
+    for d in (files_dir, pacs_dir, pacs_fork_dir, bare_dir, disk_dir):
         d.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(n_files + rounds * len(modes) * len(targets), "ingest", progress)
     bar.set_postfix_str("synthesising")
@@ -140,8 +186,9 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
         os.sync()
         return paths
 
-    raw: dict = {"files": n_files, "rounds": rounds, "load_before": load_average(),
-                 "mb_per_s": {f"{t}_{m}": [] for t in targets for m in modes}, "seconds": {}}
+    raw: dict = {"files": n_files, "rounds": rounds, "load_before": load_average(), "cores": os.cpu_count(),
+                 "mb_per_s": {f"{t}_{m}": [] for t in targets for m in modes}, "seconds": {},
+                 "receiver_cpu_ms_per_mb": {}, "sender_cpu_ms_per_mb": {}}
     procs: list[Proc] = []
     try:
         scp_port, scp_fork_port, bare_port, node_port = free_port(), free_port(), free_port(), free_port()
@@ -176,7 +223,15 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                     shift = (r * len(modes) + modes.index(m)) % len(targets)
                     order = targets[shift:] + targets[:shift]
                     for target in order:
-                        if target == "storescp":
+                        receiver = {"storescp": storescp if m == 1 else storescp_fork, "pynetdicom": bare,
+                                    "node": node, "node2": node2}.get(target)
+                        cpu0, senders0 = (tree_cpu_seconds(receiver.pid) if receiver else None), _children_cpu()
+                        if target == "disk":
+                            os.sync()
+                            elapsed = _durable_copy(files, disk_dir, m)
+                            got = _count_files(disk_dir)
+                            _clear(disk_dir)
+                        elif target == "storescp":
                             port, called, folder = ((scp_port, "PACS", pacs_dir) if m == 1 else
                                                     (scp_fork_port, "PACS", pacs_fork_dir))
                             os.sync()
@@ -196,6 +251,12 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                             elapsed = _send(port, files, m, "OSTEOSCREEN")
                             got = _instances(db) - before
                             _clear(folder)
+                        if receiver is not None:
+                            mb = total_bytes / 1e6
+                            raw["receiver_cpu_ms_per_mb"].setdefault(f"{target}_{m}", []).append(
+                                round((tree_cpu_seconds(receiver.pid) - cpu0) * 1000 / mb, 3))
+                            raw["sender_cpu_ms_per_mb"].setdefault(f"{target}_{m}", []).append(
+                                round((_children_cpu() - senders0) * 1000 / mb, 3))
                         if got != len(files):
                             raise RuntimeError(f"{target} received {got} of {len(files)} files")
                         raw["mb_per_s"][f"{target}_{m}"].append(total_bytes / elapsed / 1e6)
@@ -245,6 +306,28 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                              "node's own work (header checks, fsync of file and folder, database rows); "
                              f"it / storescp = {bare_mbps / ref:.2f}× is Python pynetdicom against C++ DCMTK"
                              if m == 1 else None))
+        best = "node" if m == 1 else "node2"  # the node as it would be configured for this many senders
+        rows.append(row(f"ingest MB/s, {label}, vs durable writes{'' if m == 1 else f' (listen_processes={LISTEN_PROCESSES})'}",
+                        mbps[f"{best}_{m}"], "MB/s",
+                        reference=f"write + fsync of the same files, {m} thread{'s' if m > 1 else ''}, no network",
+                        reference_value=mbps[f"disk_{m}"],
+                        note="the disk's ceiling for a receiver that makes every file durable before it answers "
+                             "(file and folder fsynced, as the node does); storescp, which never fsyncs, is not "
+                             "bound by it" if m == 1 else None))
+        cpu = {k: median(v) for k, v in raw["receiver_cpu_ms_per_mb"].items()}
+        senders = {k: median(v) for k, v in raw["sender_cpu_ms_per_mb"].items()}
+        senders_cpu = senders[f"storescp_{m}"]
+        cores = raw["cores"] or 1
+        ceiling = {k: cores * 1000 / (cpu[f"{k}_{m}"] + senders[f"{k}_{m}"]) for k in ("storescp", "pynetdicom", best)}
+        rows.append(row(f"receiver CPU per MB, {label}{'' if m == 1 else f', listen_processes={LISTEN_PROCESSES}'}",
+                        cpu[f"{best}_{m}"], "ms/MB",
+                        reference=f"storescp{' --fork' if m > 1 else ''}", reference_value=cpu[f"storescp_{m}"],
+                        note=(f"CPU time (user + system) of the receiving processes per MB received, median of "
+                              f"{rounds} round(s); bare pynetdicom {cpu[f'pynetdicom_{m}']:.2f} ms/MB, the storescu "
+                              f"senders {senders_cpu:.2f} ms/MB. With senders and receivers on the same {cores} "
+                              f"cores, the CPU alone allows at most {ceiling[best]:.0f} MB/s for the node, "
+                              f"{ceiling['pynetdicom']:.0f} MB/s for bare pynetdicom and {ceiling['storescp']:.0f} "
+                              f"MB/s for storescp")))
     rows.append(row("listener peak RSS", raw["listener_peak_sampled_mb"], "MB", reference="storescp peak RSS",
                     reference_value=raw["storescp_peak_sampled_mb"],
                     note="largest VmRSS of the `osteoscreen listen` process sampled every 50 ms during the "
@@ -255,6 +338,7 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
     plot = bar_chart(workdir / "ingest.png", f"C-STORE ingest, {n_files} pelvis AP files ({size_mb:.0f} MB)",
                      "MB/s (median)", [f"{m} sender{'s' if m > 1 else ''}" for m in modes],
                      {"DCMTK storescp (no fsync)": [mbps[f"storescp_{m}"] for m in modes],
+                      "write + fsync, no network (disk ceiling)": [mbps[f"disk_{m}"] for m in modes],
                       "bare pynetdicom SCP (no fsync)": [mbps[f"pynetdicom_{m}"] for m in modes],
                       "osteoscreen listen (fsync + DB)": [mbps[f"node_{m}"] for m in modes],
                       f"osteoscreen listen, {LISTEN_PROCESSES} processes": [mbps[f"node2_{m}"] for m in modes]})
@@ -262,7 +346,9 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                f"{rounds} rounds with fresh UIDs each and the target order rotated, to DCMTK storescp "
                f"({' '.join(STORESCP_OPTS)}; --fork for concurrent senders), to a bare pynetdicom SCP and to "
                "`osteoscreen listen` (SQLite). storescp and the bare SCP never fsync and record nothing; the "
-               "node fsyncs every file and its folder and commits database rows before each Success.")
+               "node fsyncs every file and its folder and commits database rows before each Success. Beside "
+               "them: the same bytes written and fsynced with no network (the disk's ceiling for durable "
+               "files), and the CPU time each receiver and the senders spend per MB.")
     return {"name": "ingest", "rows": rows, "plots": [str(plot)], "raw": raw, "summary": summary}
 
 

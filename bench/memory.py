@@ -1,4 +1,4 @@
-"""Peak resident memory (RSS) of processes, read from /proc (Linux; no psutil needed).
+"""Peak resident memory (RSS) and CPU time of processes, read from /proc (Linux; no psutil needed).
 
 Helpers used by the other bench modules:
 - `hwm_mb(pid)`: the kernel's own high-water mark of a process (VmHWM), exact and free, but for the
@@ -6,13 +6,16 @@ Helpers used by the other bench modules:
 - `rss_mb(pid)`, `tree_rss_mb(pid)`: the current RSS of a process, or summed over it and its
   descendants;
 - `PeakRSS(pids)`: a sampling thread (every 50 ms) that records the largest RSS seen while a block runs,
-  per process and summed over the process trees; use it to measure a phase (e.g. ingest only).
+  per process and summed over the process trees; use it to measure a phase (e.g. ingest only);
+- `tree_cpu_seconds(pid)`: CPU time (user + system) used so far by a process and every child it has had
+  (those still running, those exited and not yet reaped, and those reaped: storescp --fork's).
 
 `run()` (the module as a benchmark): peak RSS of one `osteoscreen serve` process (all roles, SQLite)
 while it receives and screens a few full-size pelvis studies; `python -m bench.memory [--quick]`.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -71,6 +74,32 @@ def descendants(pid: int) -> list[int]:
             found.append(p)
             todo += children(p)
     return found
+
+
+def _cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(utime + stime, cutime + cstime) of a process in clock ticks, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used by pid and its descendants so far. A child reaped by its parent counts in the
+    parent's cutime (with what it had reaped); one not yet reaped (a zombie keeps its /proc/<pid>/stat)
+    is read itself. A child reaped while this runs is taken from the parent only (the children are
+    listed before and after reading the parent: counted once)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    before = {p: _cpu_ticks(p) for p in descendants(pid)}
+    own = _cpu_ticks(pid)
+    after = set(descendants(pid))
+    if own is None:
+        return 0.0
+    total = own[0] + own[1]  # the parent itself and every child it has reaped
+    total += sum(t[0] + t[1] for p, t in before.items() if t is not None and p in after)
+    return total / tick
 
 
 def tree_rss_mb(pid: int) -> float:

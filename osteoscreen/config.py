@@ -120,7 +120,9 @@ class Settings:
     database_url: str | None = None  # default: SQLite inside storage
     destinations: list[Destination] = field(default_factory=list)
     settle_seconds: float = 10.0
-    max_pdu: int = 65536
+    # DCMTK's largest (ASC_MAXIMUMPDUSIZE): DCMTK senders then send 128 KiB PDUs, and pynetdicom spends
+    # its per-PDU work on half as many (docs/BENCHMARKS.md)
+    max_pdu: int = 131072
     # listener: who may associate, and what it may cost us
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty: any calling AE title
     require_called_aet: bool = True  # the called AE title must be ae_title
