@@ -136,6 +136,9 @@ class Settings:
     model_path: Path = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
     model_threads: int = 1  # torch CPU threads per process: a study's few crops run fastest on one
+    # threads OpenJPEG may use to decode one JPEG 2000 image (0 = one per core): a 17 MB pelvis
+    # decodes in about half the time on 2 cores (docs/BENCHMARKS.md)
+    decode_threads: int = 0
     poll_seconds: float = 0.5
     lease_seconds: float = 120.0
     job_max_attempts: int = 3
@@ -252,6 +255,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("settle_seconds must be >= 0")
     if s.model_threads < 1:
         raise ConfigError(f"model_threads must be at least 1, got {s.model_threads}")
+    if not 0 <= s.decode_threads <= 256:
+        raise ConfigError(f"decode_threads must be between 0 (one per core) and 256, got {s.decode_threads}")
     if not 1 <= s.listen_processes <= 64:
         raise ConfigError(f"listen_processes must be between 1 and 64, got {s.listen_processes}")
     if s.worker_batch_studies < 1:

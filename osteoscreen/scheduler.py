@@ -40,11 +40,16 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
             with db.session() as session:
                 created = queue.settle_studies(session, settings.settle_seconds)
                 queue.mark_orphaned_jobs_failed(session, settings.job_max_attempts)
+                due = queue.next_settle_due(session, settings.settle_seconds)
             if created:
                 log.info("queued %d job(s)", len(created))
                 if on_jobs_queued is not None:
                     on_jobs_queued()
-        # a study is due settle_seconds after its last image; this tick is how late we may notice
+            if due is not None:
+                _run_at(sched, "settle", due.replace(tzinfo=timezone.utc) + SETTLE_MARGIN)
+        # The regular tick (at most settle_seconds / 10 apart) sees every new study before it is due,
+        # and then the next tick is set to the moment the earliest one is due: a study settles within
+        # milliseconds of its time, not up to a tick late (docs/BENCHMARKS.md).
         sched.add_job(settle_tick, "interval", seconds=min(1.0, max(0.1, settings.settle_seconds / 10)), id="settle")
     if dispatch:
         dispatcher = Dispatcher(settings, db)
@@ -59,6 +64,21 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
         sched.add_job(retention_tick, "interval", minutes=r.interval_minutes, id="retention",
                       next_run_time=datetime.now(timezone.utc) + timedelta(seconds=60))
     return sched
+
+
+SETTLE_MARGIN = timedelta(milliseconds=5)  # past the due time, so that `last_received_at <= cutoff` holds
+
+
+def _run_at(sched: BackgroundScheduler, job_id: str, when: datetime) -> None:
+    """Bring a periodic job's next run forward to `when` (UTC), if that is in the future and earlier
+    than the run already planned; the interval goes on from there."""
+    try:
+        job = sched.get_job(job_id)
+        if job is not None and when > datetime.now(timezone.utc) and (job.next_run_time is None
+                                                                       or when < job.next_run_time):
+            sched.modify_job(job_id, next_run_time=when)
+    except Exception:  # noqa: BLE001 - the scheduler is shutting down: the regular tick will do
+        log.debug("could not move %s", job_id, exc_info=True)
 
 
 def wake(sched: BackgroundScheduler, job_id: str) -> None:

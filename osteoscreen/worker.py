@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from .config import Settings
 from .model.inference import LoadedModel
+from .pipeline.dicom_io import set_jpeg2000_threads
 from .pipeline.localize import warm_up as warm_up_localiser
 from .pipeline.screen import StudyImage, screen_studies, screen_study
 from .reports.heatmap import build_heatmap
@@ -61,6 +62,7 @@ class _Held:
 class Worker:
     def __init__(self, settings: Settings, db: Database, model: LoadedModel | None = None):
         self.settings = settings
+        set_jpeg2000_threads(settings.decode_threads)
         self.db = db
         self.outbox = Spool(settings.outbox_dir)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -219,7 +221,8 @@ class Worker:
         # negative, so the PACS never keeps a stale positive as the latest report
         if out.policy != "positives" or positive or study.last_report_uid:
             objects = self._result_objects(study, images, results, site_findings, heatmaps)
-        written = [(kind, str(ds.SOPInstanceUID), self.outbox.write_dataset(ds)) for kind, ds in objects]
+        paths = self.outbox.write_datasets([ds for _, ds in objects])  # fsynced before the rows commit
+        written = [(kind, str(ds.SOPInstanceUID), path) for (kind, ds), path in zip(objects, paths)]
         findings = [Finding(study_id=study.id, job_id=job.id, sop_instance_uid=f.source_sop_instance_uid,
                             site=f.site, assessable=f.assessable, category=f.category,
                             probabilities=f.probabilities, t_score=f.t_score, reason=f.reason,

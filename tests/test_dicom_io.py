@@ -3,6 +3,7 @@
 Compressed files are made by DCMTK (dcmcjpeg, dcmcjpls, dcmcrle, dcmconv) — real encoders from
 another code base — and by pydicom/OpenJPEG for JPEG 2000.
 """
+import os
 import subprocess
 
 import numpy as np
@@ -190,3 +191,31 @@ def test_jpeg2000_is_decoded_at_a_reduced_resolution_with_the_same_findings():
                 assert (fa.site, fa.assessable, fa.category) == (fb.site, fb.assessable, fb.category)
                 if fa.t_score is not None:
                     assert abs(fa.t_score - fb.t_score) < 0.15
+
+
+def test_jpeg2000_threads_decode_the_same_pixels(tmp_path, monkeypatch):
+    """OpenJPEG on several threads (decode_threads, through OPJ_NUM_THREADS) gives the pixels one
+    thread gives, for the reduced decode the pipeline uses; an operator's OPJ_NUM_THREADS stays."""
+    from pydicom.uid import JPEG2000Lossless
+
+    from osteoscreen.pipeline import dicom_io
+    from osteoscreen.synth import make_study
+    from osteoscreen.synth.dicom_writer import write_dataset
+
+    ds = make_study("hip", np.random.default_rng(7), patient_index=7)[0].dataset
+    path = tmp_path / "j2k.dcm"
+    write_dataset(ds, path, JPEG2000Lossless)
+    j2k = dcmread(path)
+    monkeypatch.setattr(dicom_io, "_OPERATOR_OPJ_THREADS", None)
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    decoded = {}
+    for threads in (1, 2, 0):
+        dicom_io.set_jpeg2000_threads(threads)
+        assert os.environ["OPJ_NUM_THREADS"] == ("ALL_CPUS" if threads == 0 else str(threads))
+        decoded[threads] = dicom_io.reduced_jpeg2000(j2k, 1)
+        assert decoded[threads] is not None
+    assert np.array_equal(decoded[1], decoded[2]) and np.array_equal(decoded[1], decoded[0])
+    monkeypatch.setattr(dicom_io, "_OPERATOR_OPJ_THREADS", "3")
+    monkeypatch.setenv("OPJ_NUM_THREADS", "3")
+    dicom_io.set_jpeg2000_threads(0)
+    assert os.environ["OPJ_NUM_THREADS"] == "3"

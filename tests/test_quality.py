@@ -144,3 +144,70 @@ def test_metal_detector_finds_a_thick_plateau_that_drops_steeply():
     clipped = image.copy()
     clipped[120:280, 185:215] = np.clip(clipped[120:280, 185:215], None, 0.52)  # bone the window clipped
     assert MetalDetector(clipped, 0.5).area_mm2(box) == 0.0
+
+
+def test_disc_morphology_from_distance_transforms_is_scipys():
+    """The metal check's erosion, dilation and largest-label dilation (distance transforms) give
+    exactly what scipy's binary_erosion, binary_dilation and grey_dilation give with the disc."""
+    from scipy import ndimage
+
+    from osteoscreen.pipeline import quality
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        shape = tuple(rng.integers(5, 90, size=2))
+        blobs = ndimage.gaussian_filter(rng.random(shape), sigma=rng.uniform(0.5, 4))
+        mask = blobs > np.quantile(blobs, rng.uniform(0.3, 0.97))
+        if trial % 10 == 0:
+            mask[:] = trial % 20 == 0  # all background, all foreground
+        for r in (1, 2, 3, 6):
+            disc = quality._disc(r, 1.0)
+            assert np.array_equal(quality._eroded(mask, r), ndimage.binary_erosion(mask, structure=disc)), (trial, r)
+            assert np.array_equal(quality._dilated(mask, r), ndimage.binary_dilation(mask, structure=disc)), (trial, r)
+            labels, _ = ndimage.label(mask)
+            assert np.array_equal(quality._largest_label_near(labels, r),
+                                  ndimage.grey_dilation(labels, footprint=disc)), (trial, r)
+
+
+def test_metal_mask_is_the_one_scipy_morphology_gives_on_phantoms_with_metal():
+    """MetalDetector.mask against the same check written with scipy's morphology (as it first was),
+    on pelvis phantoms with implants, their sites and boxes around the whole image."""
+    from scipy import ndimage
+
+    from osteoscreen.pipeline import quality
+
+    def reference(detector, box):
+        margin = int(np.ceil(2 * quality.RING_MM / detector.spacing_mm))
+        rows, cols = detector.pixels.shape
+        r0, c0 = max(0, int(box[0]) - margin), max(0, int(box[1]) - margin)
+        r1, c1 = min(rows, int(np.ceil(box[2])) + margin), min(cols, int(np.ceil(box[3])) + margin)
+        patch = detector.pixels[r0:r1, c0:c1]
+        plateau = patch >= detector.top - quality.PLATEAU_DEPTH * detector.span
+        disc = quality._disc(quality.METAL_CORE_MM, detector.spacing_mm)
+        thick = ndimage.binary_dilation(ndimage.binary_erosion(plateau, structure=disc), structure=disc) & plateau
+        labels, n = ndimage.label(thick)
+        out = np.zeros_like(thick)
+        if n:
+            ring_disc = quality._disc(quality.RING_MM, detector.spacing_mm)
+            ring = ndimage.binary_dilation(thick, structure=ring_disc) & ~ndimage.binary_dilation(
+                thick, structure=quality._disc(1.0, detector.spacing_mm))
+            owner = np.where(ring, ndimage.grey_dilation(labels, footprint=ring_disc), 0)
+            for k in range(1, n + 1):
+                values = patch[owner == k]
+                step = (detector.top - float(np.median(values))) / detector.span if values.size else 0.0
+                if step >= quality.METAL_MIN_STEP:
+                    out |= labels == k
+        return out
+
+    found = 0
+    for i in range(3):
+        for image in make_study("hip", np.random.default_rng(4500 + i), implants=("left_hip", "right_hip")):
+            rad = load_radiograph(image.dataset)
+            detector = MetalDetector(rad.pixels, rad.spacing_mm[0])
+            boxes = [[v * rad.scale for v in truth.box] for truth in image.sites.values()]
+            boxes.append([0, 0, *rad.pixels.shape])
+            for box in boxes:
+                mask, _ = detector.mask(box)
+                assert np.array_equal(mask, reference(detector, box))
+                found += int(mask.any())
+    assert found >= 3  # the comparison covered masks with metal in them, not only empty ones

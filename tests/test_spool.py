@@ -86,3 +86,31 @@ def test_a_refused_receive_file_starts_no_writeback(tmp_path, monkeypatch):
     rx.close()
     assert rx.refused == "data set larger than max_dataset_bytes"
     assert os.path.getsize(rx.name) == 0 and calls == []
+
+
+def test_write_datasets_places_every_object_or_leaves_nothing_in_tmp(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    import pydicom
+
+    def dataset(**kw):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.33", generate_uid()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        for k, v in kw.items():
+            setattr(ds, k, v)
+        return ds
+
+    spool = Spool(tmp_path / "outbox")
+    objects = [dataset(), dataset(), dataset()]
+    paths = spool.write_datasets(objects)
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in paths] == [ds.SOPInstanceUID for ds in objects]
+    assert len({p.parent for p in paths}) == 1 and list(spool.tmp.iterdir()) == []
+
+    broken = dataset()
+    broken.file_meta = None  # cannot be written in the file format
+    with pytest.raises(Exception):
+        spool.write_datasets([dataset(), broken])
+    assert list(spool.tmp.iterdir()) == []
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)

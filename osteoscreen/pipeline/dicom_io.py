@@ -6,6 +6,7 @@ spacing: the model needs far less resolution than a detector delivers.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,16 @@ def resample(image: np.ndarray, factor: float, size: tuple[int, int] | None = No
 
 
 JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}  # lossless only, and lossless or lossy
+_OPERATOR_OPJ_THREADS = os.environ.get("OPJ_NUM_THREADS")  # as the process was started
+
+
+def set_jpeg2000_threads(threads: int) -> None:
+    """Let OpenJPEG (inside Pillow, which decodes JPEG 2000 here, and pylibjpeg) decode one image on
+    `threads` threads, 0 meaning one per core. OpenJPEG takes the count from the OPJ_NUM_THREADS
+    environment variable each time it creates a decoder, and decodes on one thread without it. An
+    OPJ_NUM_THREADS the process was started with is the operator's and stays."""
+    if _OPERATOR_OPJ_THREADS is None:
+        os.environ["OPJ_NUM_THREADS"] = "ALL_CPUS" if threads == 0 else str(threads)
 
 
 def reduced_jpeg2000(ds: Dataset, levels: int) -> np.ndarray | None:

@@ -40,16 +40,51 @@ def anatomy_present(confidences: list[float]) -> bool:
     return any(c >= ANATOMY_MIN_CONFIDENCE for c in confidences)
 
 
+def _radius_px(radius_mm: float, spacing_mm: float) -> int:
+    return max(1, int(round(radius_mm / spacing_mm)))
+
+
 def _disc(radius_mm: float, spacing_mm: float) -> np.ndarray:
-    r = max(1, int(round(radius_mm / spacing_mm)))
+    """The disc the morphology below works with: pixels within the radius (Euclidean)."""
+    r = _radius_px(radius_mm, spacing_mm)
     return np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
+
+
+# Morphology with a disc, from Euclidean distance transforms: exactly scipy's binary_erosion,
+# binary_dilation and grey_dilation with the disc of that radius (tests/test_quality.py compares them),
+# but one pass over the image instead of one per element of a 13 × 13 disc (40 ms → 5 ms a site).
+def _eroded(mask: np.ndarray, r: int) -> np.ndarray:
+    """binary_erosion(mask, disc of radius r): outside the image counts as background."""
+    padded = np.pad(mask, r + 1)
+    return (ndimage.distance_transform_edt(padded) > r)[r + 1:-(r + 1), r + 1:-(r + 1)]
+
+
+def _dilated(mask: np.ndarray, r: int) -> np.ndarray:
+    """binary_dilation(mask, disc of radius r)."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    return ndimage.distance_transform_edt(~mask) <= r
+
+
+def _largest_label_near(labels: np.ndarray, r: int) -> np.ndarray:
+    """grey_dilation(labels, footprint=disc of radius r), mode 'reflect' as scipy's default: for each
+    pixel the largest label within r. One distance transform per label, over that label's window."""
+    padded = np.pad(labels, r, mode="symmetric")  # numpy's "symmetric" is scipy's "reflect"
+    out = np.zeros_like(padded)
+    for k, box in enumerate(ndimage.find_objects(padded), start=1):
+        if box is None:
+            continue
+        window = tuple(slice(max(0, s.start - r), min(n, s.stop + r)) for s, n in zip(box, padded.shape))
+        near = ndimage.distance_transform_edt(padded[window] != k) <= r
+        out[window] = np.where(near, np.maximum(out[window], k), out[window])
+    return out[r:-r, r:-r]
 
 
 class MetalDetector:
     """Thick plateaus at the top of the image's range that fall off steeply at their border: where
     metal lies. Bone the window clipped also forms plateaus, but its border fades into bone only a
     little darker; metal drops to the bone or soft tissue around it. The image's range is measured
-    once; plateaus are analysed only around the boxes asked about (about 10 ms a site)."""
+    once; plateaus are analysed only around the boxes asked about (a few ms a site)."""
 
     def __init__(self, pixels: np.ndarray, spacing_mm: float):
         self.pixels, self.spacing_mm = pixels, spacing_mm
@@ -65,15 +100,15 @@ class MetalDetector:
         r1, c1 = min(rows, int(np.ceil(box[2])) + margin), min(cols, int(np.ceil(box[3])) + margin)
         patch = self.pixels[r0:r1, c0:c1]
         plateau = patch >= self.top - PLATEAU_DEPTH * self.span
-        disc = _disc(METAL_CORE_MM, self.spacing_mm)
-        thick = ndimage.binary_dilation(ndimage.binary_erosion(plateau, structure=disc), structure=disc) & plateau
+        core = _radius_px(METAL_CORE_MM, self.spacing_mm)
+        thick = _dilated(_eroded(plateau, core), core) & plateau
         labels, n = ndimage.label(thick)
         out = np.zeros_like(thick)
         if n:
-            ring_disc = _disc(RING_MM, self.spacing_mm)
-            ring = ndimage.binary_dilation(thick, structure=ring_disc) & ~ndimage.binary_dilation(
-                thick, structure=_disc(1.0, self.spacing_mm))
-            owner = np.where(ring, ndimage.grey_dilation(labels, footprint=ring_disc), 0)
+            ring_r = _radius_px(RING_MM, self.spacing_mm)
+            distance = ndimage.distance_transform_edt(~thick)  # the two dilations of the ring at once
+            ring = (distance <= ring_r) & (distance > _radius_px(1.0, self.spacing_mm))
+            owner = np.where(ring, _largest_label_near(labels, ring_r), 0)
             for k in range(1, n + 1):
                 values = patch[owner == k]
                 step = (self.top - float(np.median(values))) / self.span if values.size else 0.0

@@ -77,6 +77,13 @@ def audit(session: Session, event: str, *, peer: str | None = None, study_uid: s
                            detail=detail))
 
 
+def next_settle_due(session: Session, settle_seconds: float) -> datetime | None:
+    """When the study that has waited longest since its last image becomes due (naive UTC, as the
+    column), or None when no study is receiving. A later image only moves a study's time later."""
+    last = session.scalar(select(func.min(Study.last_received_at)).where(Study.status == "receiving"))
+    return None if last is None else last + timedelta(seconds=settle_seconds)
+
+
 def settle_studies(session: Session, settle_seconds: float, now: datetime | None = None) -> list[int]:
     """Queue a job for each study quiet for settle_seconds; studies with nothing eligible are 'skipped'.
     Returns the ids of the jobs created."""
