@@ -12,8 +12,9 @@
    forward on the same batch (no TTA, no Grad-CAM, `torch.inference_mode`), so the ratio is what
    production scoring costs over the plain network.
    On a CUDA machine the same is measured on the GPU at batch 1, 8, 32, 128, 512, … until
-   throughput stops rising or memory runs out, in fp32 and under `torch.autocast` (bf16 where the
-   GPU supports it, else fp16); target ≥ 1,000 site crops/s. Without a GPU a row says so.
+   throughput stops rising or memory runs out, in both `model_precision` settings: fp32 and mixed
+   (the model's predict under `torch.autocast`, bf16 where the GPU supports it, else fp16); target
+   ≥ 1,000 site crops/s. Without a GPU a row says so.
 2. **Stage breakdown** of one pelvis AP (uncompressed, and the same as JPEG 2000 lossless) and one
    lumbar AP + lateral study, each stage of `screen_study` and of the worker's result objects timed
    on its own: read, decode, preprocess (LUTs + resample to the working grid), localise, quality
@@ -183,9 +184,10 @@ def _sync(device) -> None:
 
 
 def _bare_forward(model, crops, covs, types):
-    """The reference: the network alone, identity view, no Grad-CAM, no TTA, no OOD."""
+    """The reference: the network alone, identity view, no Grad-CAM, no TTA, no OOD (in the model's
+    precision)."""
     import torch
-    with torch.inference_mode():
+    with torch.inference_mode(), model.autocast():
         x = torch.from_numpy(np.ascontiguousarray(crops))[:, None].to(model.device)
         cov = torch.from_numpy(covs).to(model.device)
         st = torch.from_numpy(types).to(model.device)
@@ -194,29 +196,19 @@ def _bare_forward(model, crops, covs, types):
 
 
 def crops_per_second(fn, model, crops, covs, types, batch: int, repeats: int, min_crops: int = 32,
-                     warmup: int = 2, autocast_dtype=None) -> dict:
+                     warmup: int = 2) -> dict:
     """Median crops/s of `fn(model, crops, covs, types)` called on `batch` crops at a time."""
-    import contextlib
-    import torch
     c, v, t = _tile(crops, batch), _tile(covs, batch), _tile(types, batch)
     calls = max(1, math.ceil(min_crops / batch))
-
-    def ctx():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=autocast_dtype)
-
     for _ in range(warmup):
-        with ctx():
-            fn(model, c, v, t)
+        fn(model, c, v, t)
     _sync(model.device)
     rates = []
     for _ in range(repeats):
         _sync(model.device)
         t0 = time.perf_counter()
         for _ in range(calls):
-            with ctx():
-                fn(model, c, v, t)
+            fn(model, c, v, t)
         _sync(model.device)
         rates.append(calls * batch / (time.perf_counter() - t0))
     return {"batch": batch, "calls_per_repeat": calls, "median": statistics.median(rates),
@@ -248,25 +240,27 @@ def cpu_throughput(model, crops, covs, types, thread_counts, repeats: int, bar: 
 
 
 def gpu_throughput(model_path: Path, crops, covs, types, repeats: int, bar: _Bar) -> dict | None:
-    """fp32 and autocast on CUDA, batch sizes rising until throughput saturates or memory runs out."""
+    """The worker's predict on CUDA in both `model_precision` settings (fp32; mixed: autocast), batch
+    sizes rising until throughput saturates or memory runs out."""
     import torch
     if not torch.cuda.is_available():
         return None
     from osteoscreen.model.inference import LoadedModel
-    model = LoadedModel(model_path, "cuda")
-    amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    out = {"device": torch.cuda.get_device_name(0), "autocast_dtype": str(amp).replace("torch.", ""), "modes": {}}
-    for mode, dtype in (("fp32", None), ("autocast", amp)):
+    out = {"device": torch.cuda.get_device_name(0), "modes": {}}
+    for mode in ("fp32", "mixed"):
+        model = LoadedModel(model_path, "cuda", precision=mode)
+        if model.autocast_dtype is not None:
+            out["autocast_dtype"] = str(model.autocast_dtype).replace("torch.", "")
         series, best = [], 0.0
         flat = 0
         for batch in GPU_BATCHES:
             try:
                 torch.cuda.reset_peak_memory_stats()
                 r = crops_per_second(_production, model, crops, covs, types, batch, repeats,
-                                     min_crops=max(256, batch), autocast_dtype=dtype)
+                                     min_crops=max(256, batch))
                 r["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
                 ref = crops_per_second(_bare_forward, model, crops, covs, types, batch, repeats,
-                                       min_crops=max(256, batch), autocast_dtype=dtype)
+                                       min_crops=max(256, batch))
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 series.append({"batch": batch, "error": "out of memory"})
@@ -282,8 +276,8 @@ def gpu_throughput(model_path: Path, crops, covs, types, repeats: int, bar: _Bar
                 flat = 0
             best = max(best, r["median"])
         out["modes"][mode] = series
-    del model
-    torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
     return out
 
 
@@ -718,7 +712,7 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                     rows.append(row(f"crops/s GPU {mode} batch {r['batch']}", None, "crops/s", note=r["error"]))
                     continue
                 best = max(best, r["median"])
-                label = mode if mode == "fp32" else f"autocast {gpu['autocast_dtype']}"
+                label = mode if mode == "fp32" else f"mixed ({gpu.get('autocast_dtype', '?')})"
                 rows.append(row(f"crops/s GPU {label} batch {r['batch']}", r["median"], "crops/s",
                                 reference="bare network forward", reference_value=r["bare_forward"]["median"],
                                 ratio=_ratio(r["median"], r["bare_forward"]["median"]),

@@ -160,7 +160,7 @@ def cmd_score(args) -> int:
     missing = [m for m in args.manifest if not Path(m).is_file()]
     if missing:
         raise UsageError(f"no such manifest: {', '.join(missing)}")
-    model = LoadedModel(settings.model_path, settings.device, settings.model_threads)
+    model = LoadedModel(settings.model_path, settings.device, settings.model_threads, settings.model_precision)
     try:
         summary = score_manifests([Path(m) for m in args.manifest], model, Path(args.out), progress=not args.quiet)
     except (ValueError, KeyError) as exc:

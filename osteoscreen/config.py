@@ -139,6 +139,9 @@ class Settings:
     # threads OpenJPEG may use to decode one JPEG 2000 image (0 = one per core): a 17 MB pelvis
     # decodes in about half the time on 2 cores (docs/BENCHMARKS.md)
     decode_threads: int = 0
+    # fp32, or mixed: the network under torch.autocast (bfloat16, or float16 on GPUs without it), for
+    # GPU throughput; estimates differ from fp32 in the second or third decimal
+    model_precision: str = "fp32"
     poll_seconds: float = 0.5
     lease_seconds: float = 120.0
     job_max_attempts: int = 3
@@ -261,6 +264,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"listen_processes must be between 1 and 64, got {s.listen_processes}")
     if s.worker_batch_studies < 1:
         raise ConfigError(f"worker_batch_studies must be at least 1, got {s.worker_batch_studies}")
+    if s.model_precision not in ("fp32", "mixed"):
+        raise ConfigError(f"model_precision {s.model_precision!r} must be fp32 or mixed")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {s.device!r} must be auto, cpu or cuda")
     _validate_listener(s)

@@ -25,7 +25,7 @@ def _record(path: Path, sop_uid: str | None, assessable: bool, reason: str | Non
 
 
 def predict_files(paths: list[Path], settings: Settings, out: Path | None = None) -> Iterator[dict]:
-    model = LoadedModel(settings.model_path, settings.device, settings.model_threads)
+    model = LoadedModel(settings.model_path, settings.device, settings.model_threads, settings.model_precision)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for path in paths:

@@ -76,7 +76,8 @@ class Worker:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:  # loaded once per process, kept warm
-            self._model = LoadedModel(self.settings.model_path, self.settings.device, self.settings.model_threads)
+            self._model = LoadedModel(self.settings.model_path, self.settings.device, self.settings.model_threads,
+                                      self.settings.model_precision)
             log.info("model %s %s on %s", self._model.info.name, self._model.info.version, self._model.device)
         return self._model
 

@@ -21,7 +21,7 @@ def test_destinations_from_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["port: notanumber\n", "nosuchkey: 1\n", "ae_title: ''\n", "port: 70000\n",
-                                  "destinations: [bogus]\n", "- a list\n", "device: tpu\n", "decode_threads: -1\n"])
+                                  "destinations: [bogus]\n", "- a list\n", "device: tpu\n", "decode_threads: -1\n", "model_precision: fp16\n"])
 def test_bad_config_is_a_clear_error(tmp_path, text):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)

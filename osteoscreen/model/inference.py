@@ -8,6 +8,7 @@ precision matrix and threshold of the Mahalanobis distance of pooled features on
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,21 @@ class Prediction:
         return self.ood_distance > self.ood_threshold
 
 
+PRECISIONS = ("fp32", "mixed")
+
+
 class LoadedModel:
-    def __init__(self, path: Path | str, device: str = "auto", threads: int | None = None):
+    def __init__(self, path: Path | str, device: str = "auto", threads: int | None = None,
+                 precision: str = "fp32"):
         """threads: torch's CPU thread count for this process (None leaves it alone). A study's few
         crops run fastest on one thread; torch's default of one per core costs ~100× on a loaded
-        2-core machine (docs/BENCHMARKS.md)."""
+        2-core machine (docs/BENCHMARKS.md).
+        precision: "fp32", or "mixed": the network runs under torch.autocast (bfloat16 where the device
+        has it, else float16), for GPU throughput. Outputs are float32 either way; the estimates
+        differ from fp32 in the second or third decimal (tests/test_model.py). On a CPU, mixed is
+        bfloat16 too, and slower than fp32 on most."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
@@ -87,6 +98,11 @@ class LoadedModel:
         self.net = OsteoNet(**ckpt["arch"])
         self.net.load_state_dict(ckpt["state_dict"])
         self.net.to(self.device).eval()
+        self.precision = precision
+        self.autocast_dtype = None
+        if precision == "mixed":
+            cuda = self.device.type == "cuda"
+            self.autocast_dtype = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
         self.temperature = float(ckpt.get("temperature", 1.0))
         self.t_mean = float(ckpt.get("t_score_mean", 0.0))
         self.t_std = float(ckpt.get("t_score_std", 1.0))
@@ -123,19 +139,28 @@ class LoadedModel:
         lap("infer")
         return pred
 
+    def autocast(self):
+        """The autocast context of this model's precision (nothing for fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _predict_batch(self, crops, covariates, site_types, lap):
         x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None].to(self.device)
         cov = torch.from_numpy(np.asarray(covariates, dtype=np.float32)).to(self.device)
         st = torch.from_numpy(np.asarray(site_types, dtype=np.int64)).to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             early = self.net.early_features(x)
-        early = early.detach().requires_grad_(True)
-        fmap = self.net.stage3(early)
-        logits, t_norm, implant = self.net.heads(fmap, cov, st)
+        early = early.detach().float().requires_grad_(True)
+        with self.autocast():  # (mixed precision) the network in half precision; what follows in float32
+            fmap = self.net.stage3(early)
+            logits, t_norm, implant = self.net.heads(fmap, cov, st)
+        logits, t_norm, implant = logits.float(), t_norm.float(), implant.float()
         lap("infer")
         predicted = logits.argmax(dim=1)
         score = logits.gather(1, predicted[:, None]).sum()
         grads, grads8 = torch.autograd.grad(score, [early, fmap])
+        fmap, grads, grads8 = fmap.detach().float(), grads.float(), grads8.float()
         with torch.no_grad():
             cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * early).sum(dim=1, keepdim=True))
             # where the 16×16 map is empty (every location's evidence negative), the 8×8 one speaks
@@ -151,10 +176,11 @@ class LoadedModel:
             logits, t_norm = logits.detach(), t_norm.detach()
             if self.tta:  # the identity view above gives the CAM and the features; the others only vote
                 for view in TTA_VIEWS[1:]:
-                    lg, tn = self.net(tta_batch(x, *view), cov, st)
-                    logits, t_norm = logits + lg, t_norm + tn
+                    with self.autocast():
+                        lg, tn = self.net(tta_batch(x, *view), cov, st)
+                    logits, t_norm = logits + lg.float(), t_norm + tn.float()
                 logits, t_norm = logits / len(TTA_VIEWS), t_norm / len(TTA_VIEWS)
             probs = torch.softmax(logits / self.temperature, dim=1)
             t = t_norm * self.t_std + self.t_mean
         return (probs.cpu().numpy(), t.cpu().numpy(), cam.cpu().numpy(),
-                fmap.detach().mean(dim=(2, 3)).cpu().numpy(), torch.sigmoid(implant.detach()).cpu().numpy())
+                fmap.mean(dim=(2, 3)).cpu().numpy(), torch.sigmoid(implant.detach()).cpu().numpy())
