@@ -89,16 +89,19 @@ def _cpu_ticks(pid: int) -> tuple[int, int] | None:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds used by pid and its descendants so far. A child reaped by its parent counts in the
     parent's cutime (with what it had reaped); one not yet reaped (a zombie keeps its /proc/<pid>/stat)
-    is read itself. A child reaped while this runs is taken from the parent only (the children are
-    listed before and after reading the parent: counted once)."""
+    is read itself. The children are listed before and after reading them and the parent; if a
+    child was reaped in between, everything is read again."""
     tick = os.sysconf("SC_CLK_TCK")
-    before = {p: _cpu_ticks(p) for p in descendants(pid)}
-    own = _cpu_ticks(pid)
-    after = set(descendants(pid))
-    if own is None:
-        return 0.0
+    for _ in range(10):  # read again if a child was reaped meanwhile: then it is counted exactly once
+        before = set(descendants(pid))
+        children = {p: _cpu_ticks(p) for p in before}
+        own = _cpu_ticks(pid)
+        if own is None:
+            return 0.0
+        if set(descendants(pid)) == before:
+            break
     total = own[0] + own[1]  # the parent itself and every child it has reaped
-    total += sum(t[0] + t[1] for p, t in before.items() if t is not None and p in after)
+    total += sum(t[0] + t[1] for t in children.values() if t is not None)
     return total / tick
 
 

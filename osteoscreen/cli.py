@@ -155,12 +155,14 @@ def cmd_train(args) -> int:
 
 def cmd_score(args) -> int:
     from .model.inference import LoadedModel
+    from .pipeline.dicom_io import set_jpeg2000_threads
     from .training.score import score_manifests
     settings = load(args.config or None, {"model_path": args.model, "device": args.device})
     missing = [m for m in args.manifest if not Path(m).is_file()]
     if missing:
         raise UsageError(f"no such manifest: {', '.join(missing)}")
     model = LoadedModel(settings.model_path, settings.device, settings.model_threads, settings.model_precision)
+    set_jpeg2000_threads(settings.decode_threads)
     try:
         summary = score_manifests([Path(m) for m in args.manifest], model, Path(args.out), progress=not args.quiet)
     except (ValueError, KeyError) as exc:

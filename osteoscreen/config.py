@@ -136,11 +136,11 @@ class Settings:
     model_path: Path = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
     model_threads: int = 1  # torch CPU threads per process: a study's few crops run fastest on one
-    # threads OpenJPEG may use to decode one JPEG 2000 image (0 = one per core): a 17 MB pelvis
+    # threads OpenJPEG may use to decode one JPEG 2000 image (0 = the process's cores, at most 4): a 17 MB pelvis
     # decodes in about half the time on 2 cores (docs/BENCHMARKS.md)
     decode_threads: int = 0
-    # fp32, or mixed: the network under torch.autocast (bfloat16, or float16 on GPUs without it), for
-    # GPU throughput; estimates differ from fp32 in the second or third decimal
+    # fp32, or mixed: the network under torch.autocast in bfloat16 (GPUs without it stay fp32), for GPU
+    # throughput; estimates differ from fp32 in the second or third decimal
     model_precision: str = "fp32"
     poll_seconds: float = 0.5
     lease_seconds: float = 120.0

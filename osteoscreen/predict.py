@@ -11,6 +11,7 @@ from .config import Settings
 from .findings import REASON_NOT_SCREENING_IMAGE, REASON_UNREADABLE_PIXELS
 from .model.inference import LoadedModel
 from .node.routing import classify
+from .pipeline.dicom_io import set_jpeg2000_threads
 from .pipeline.screen import StudyImage, screen_study
 from .reports.heatmap import build_heatmap
 from .reports.sr import build_sr
@@ -26,6 +27,7 @@ def _record(path: Path, sop_uid: str | None, assessable: bool, reason: str | Non
 
 def predict_files(paths: list[Path], settings: Settings, out: Path | None = None) -> Iterator[dict]:
     model = LoadedModel(settings.model_path, settings.device, settings.model_threads, settings.model_precision)
+    set_jpeg2000_threads(settings.decode_threads)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for path in paths:

@@ -9,6 +9,7 @@ the storage folder, and its deletes are idempotent, so two listeners running it 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -30,27 +31,46 @@ def run_retention(settings: Settings, db: Database):
                      spool_root=settings.spool_dir, outbox_root=settings.outbox_dir)
 
 
+SETTLE_MARGIN = timedelta(milliseconds=5)  # past the due time, so that `last_received_at <= cutoff` holds
+
+
+def settle_interval(settle_seconds: float) -> float:
+    """Seconds between regular settle ticks: a tenth of the settle time, between 0.1 and 1."""
+    return min(1.0, max(0.1, settle_seconds / 10))
+
+
 def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, dispatch: bool = True,
                     retention: bool | None = None, on_jobs_queued=None) -> BackgroundScheduler:
     """retention: run the retention job (default: where settle runs, i.e. the listen role).
     on_jobs_queued: called when the settle timer queued jobs (serve: wakes the worker at once)."""
     sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
     if settle:
+        interval = settle_interval(settings.settle_seconds)
+
         def settle_tick() -> None:
-            with db.session() as session:
-                created = queue.settle_studies(session, settings.settle_seconds)
-                queue.mark_orphaned_jobs_failed(session, settings.job_max_attempts)
-                due = queue.next_settle_due(session, settings.settle_seconds)
-            if created:
-                log.info("queued %d job(s)", len(created))
-                if on_jobs_queued is not None:
-                    on_jobs_queued()
-            if due is not None:
-                _run_at(sched, "settle", due.replace(tzinfo=timezone.utc) + SETTLE_MARGIN)
-        # The regular tick (at most settle_seconds / 10 apart) sees every new study before it is due,
-        # and then the next tick is set to the moment the earliest one is due: a study settles within
-        # milliseconds of its time, not up to a tick late (docs/BENCHMARKS.md).
-        sched.add_job(settle_tick, "interval", seconds=min(1.0, max(0.1, settings.settle_seconds / 10)), id="settle")
+            # The regular tick (at most settle_seconds / 10 apart) sees every new study before it is
+            # due. A study falling due before the next tick is waited for here, so that it settles
+            # within milliseconds of its time rather than up to a tick late (docs/BENCHMARKS.md). The
+            # wait stays inside this run, shorter than the interval: the job never touches the
+            # scheduler, which shutdown() holds locked while it waits for running jobs.
+            deadline = time.monotonic() + 0.8 * interval  # done before the next regular tick is due
+            while True:
+                with db.session() as session:
+                    created = queue.settle_studies(session, settings.settle_seconds)
+                    queue.mark_orphaned_jobs_failed(session, settings.job_max_attempts)
+                    due = queue.next_settle_due(session, settings.settle_seconds)
+                if created:
+                    log.info("queued %d job(s)", len(created))
+                    if on_jobs_queued is not None:
+                        on_jobs_queued()
+                if due is None:
+                    return
+                wait = (due.replace(tzinfo=timezone.utc) - datetime.now(timezone.utc)).total_seconds()
+                wait += SETTLE_MARGIN.total_seconds()
+                if wait <= 0 or time.monotonic() + wait >= deadline:
+                    return  # the next regular tick will see it
+                time.sleep(wait)
+        sched.add_job(settle_tick, "interval", seconds=interval, id="settle")
     if dispatch:
         dispatcher = Dispatcher(settings, db)
         sched.add_job(dispatcher.run_once, "interval", seconds=settings.dispatch_poll_seconds, id="dispatch")
@@ -64,21 +84,6 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
         sched.add_job(retention_tick, "interval", minutes=r.interval_minutes, id="retention",
                       next_run_time=datetime.now(timezone.utc) + timedelta(seconds=60))
     return sched
-
-
-SETTLE_MARGIN = timedelta(milliseconds=5)  # past the due time, so that `last_received_at <= cutoff` holds
-
-
-def _run_at(sched: BackgroundScheduler, job_id: str, when: datetime) -> None:
-    """Bring a periodic job's next run forward to `when` (UTC), if that is in the future and earlier
-    than the run already planned; the interval goes on from there."""
-    try:
-        job = sched.get_job(job_id)
-        if job is not None and when > datetime.now(timezone.utc) and (job.next_run_time is None
-                                                                       or when < job.next_run_time):
-            sched.modify_job(job_id, next_run_time=when)
-    except Exception:  # noqa: BLE001 - the scheduler is shutting down: the regular tick will do
-        log.debug("could not move %s", job_id, exc_info=True)
 
 
 def wake(sched: BackgroundScheduler, job_id: str) -> None:

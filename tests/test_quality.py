@@ -154,13 +154,13 @@ def test_disc_morphology_from_distance_transforms_is_scipys():
     from osteoscreen.pipeline import quality
 
     rng = np.random.default_rng(11)
-    for trial in range(40):
-        shape = tuple(rng.integers(5, 90, size=2))
+    for trial in range(46):
+        shape = tuple(rng.integers(5, 90, size=2)) if trial < 40 else [(2, 30), (3, 3), (1, 9), (7, 2), (4, 50), (9, 9)][trial - 40]
         blobs = ndimage.gaussian_filter(rng.random(shape), sigma=rng.uniform(0.5, 4))
         mask = blobs > np.quantile(blobs, rng.uniform(0.3, 0.97))
         if trial % 10 == 0:
             mask[:] = trial % 20 == 0  # all background, all foreground
-        for r in (1, 2, 3, 6):
+        for r in (1, 2, 3, 6, 8):
             disc = quality._disc(r, 1.0)
             assert np.array_equal(quality._eroded(mask, r), ndimage.binary_erosion(mask, structure=disc)), (trial, r)
             assert np.array_equal(quality._dilated(mask, r), ndimage.binary_dilation(mask, structure=disc)), (trial, r)

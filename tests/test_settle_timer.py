@@ -1,12 +1,14 @@
 """The settle timer: a study becomes a job when it has been quiet settle_seconds; the settle tick plans
 its next run for the moment the earliest receiving study is due (scheduler.py), so that a study is not
 left waiting for the regular tick."""
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import update
 
 from osteoscreen.config import load
-from osteoscreen.scheduler import SETTLE_MARGIN, build_scheduler
+from osteoscreen.scheduler import build_scheduler, settle_interval
 from osteoscreen.store import queue
 from osteoscreen.store.db import Database
 from osteoscreen.store.models import Study, utcnow
@@ -41,32 +43,42 @@ def test_next_settle_due_is_the_earliest_receiving_study_plus_settle(db_url):
         db.dispose()
 
 
-def test_the_settle_tick_plans_its_next_run_for_the_due_study(tmp_path, db_url):
-    settings = load(None, {"storage": str(tmp_path / "var"), "database_url": db_url, "settle_seconds": "60"})
+def test_a_study_due_before_the_next_tick_is_settled_on_time(tmp_path, db_url):
+    """The tick waits for a study falling due before the next regular tick and queues it then; one due
+    later is left to a later tick."""
+    settings = load(None, {"storage": str(tmp_path / "var"), "database_url": db_url, "settle_seconds": "10"})
     db = Database(db_url)
     sched = build_scheduler(settings, db, settle=True, dispatch=False, retention=False)
-    sched.start(paused=True)  # nothing runs by itself: the tick is called below
     try:
-        tick = sched.get_job("settle")
-        soon = datetime.now(timezone.utc) + timedelta(seconds=10)
-        sched.modify_job("settle", next_run_time=soon)
-
-        _received(db, "2.1", 30)  # due in 30 s: later than the tick already planned, which stays
-        tick.func()
-        assert sched.get_job("settle").next_run_time == soon
-
-        later = datetime.now(timezone.utc) + timedelta(hours=1)
-        sched.modify_job("settle", next_run_time=later)
-        last = _received(db, "2.2", 45)  # due in 15 s, before the planned tick: moved to that moment
-        tick.func()
-        planned = sched.get_job("settle").next_run_time
-        assert planned == last.replace(tzinfo=timezone.utc) + timedelta(seconds=60) + SETTLE_MARGIN
-
-        _received(db, "2.3", 90)  # already due: this tick queues it, and plans nothing in the past
-        tick.func()
+        tick = sched.get_job("settle").func  # called here, not by the (unstarted) scheduler
+        assert settle_interval(10) == 1.0
+        _received(db, "2.1", 5)  # due in 5 s, after the next regular tick: not waited for
+        last = _received(db, "2.2", 9.6)  # due in 0.4 s, before the next tick: waited for
+        tick()
         with db.session() as s:
-            assert s.get(Study, 3).status == "queued"
-        assert sched.get_job("settle").next_run_time == planned
+            late, soon = s.get(Study, 1), s.get(Study, 2)
+            assert (late.status, soon.status) == ("receiving", "queued")
+        assert utcnow() >= last + timedelta(seconds=10)  # it was queued at its time, not before
     finally:
-        sched.shutdown(wait=False)
+        db.dispose()
+
+
+def test_stopping_during_a_waiting_tick_returns(tmp_path, db_url):
+    """shutdown(wait=True) waits for a running tick; the tick must not need the scheduler meanwhile
+    (it holds its job store lock while it waits): a study due in 0.5 s keeps the tick waiting."""
+    settings = load(None, {"storage": str(tmp_path / "var"), "database_url": db_url, "settle_seconds": "10"})
+    db = Database(db_url)
+    _received(db, "3.1", 9.5)
+    sched = build_scheduler(settings, db, settle=True, dispatch=False, retention=False)
+    sched.start()
+    sched.modify_job("settle", next_run_time=datetime.now(timezone.utc))  # tick now
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not sched._executors["default"]._instances:
+            time.sleep(0.01)
+        stopper = threading.Thread(target=sched.shutdown, kwargs={"wait": True}, daemon=True)
+        stopper.start()
+        stopper.join(timeout=20)
+        assert not stopper.is_alive(), "shutdown hung on the settle tick"
+    finally:
         db.dispose()

@@ -114,3 +114,26 @@ def test_write_datasets_places_every_object_or_leaves_nothing_in_tmp(tmp_path):
         spool.write_datasets([dataset(), broken])
     assert list(spool.tmp.iterdir()) == []
     assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_a_failed_fsync_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The disk fails while a study's objects are made durable: the call fails and no file stays in
+    the day folder or tmp/ (the caller records none of them)."""
+    from osteoscreen.store import spool as spool_module
+
+    spool = Spool(tmp_path / "outbox")
+    calls = []
+
+    def failing(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "fsync_file", failing)
+    src = [spool.tmp / f"rx-{i}.dcm" for i in range(3)]
+    for path in src:
+        path.write_bytes(b"x" * 1000)
+    with pytest.raises(OSError):
+        spool._place(src)
+    assert [p for p in spool.root.rglob("*") if p.is_file()] == []
+    assert spool.write_datasets([]) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,8 @@ import torch
 
 from ..findings import ModelInfo
 from .network import OsteoNet
+
+log = logging.getLogger("osteoscreen.model")
 
 
 def file_sha256(path: Path) -> str:
@@ -82,10 +85,11 @@ class LoadedModel:
         """threads: torch's CPU thread count for this process (None leaves it alone). A study's few
         crops run fastest on one thread; torch's default of one per core costs ~100× on a loaded
         2-core machine (docs/BENCHMARKS.md).
-        precision: "fp32", or "mixed": the network runs under torch.autocast (bfloat16 where the device
-        has it, else float16), for GPU throughput. Outputs are float32 either way; the estimates
-        differ from fp32 in the second or third decimal (tests/test_model.py). On a CPU, mixed is
-        bfloat16 too, and slower than fp32 on most."""
+        precision: "fp32", or "mixed": the network runs under torch.autocast in bfloat16, for GPU
+        throughput. Outputs are float32 either way; the estimates differ from fp32 in the second or
+        third decimal (tests/test_model.py). Not float16: Grad-CAM's gradients would underflow and the
+        non-local block's products could overflow; a GPU without native bfloat16 (before Ampere) stays
+        fp32. On a CPU, mixed is bfloat16 too, and slower than fp32 on most."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if threads:
@@ -101,8 +105,10 @@ class LoadedModel:
         self.precision = precision
         self.autocast_dtype = None
         if precision == "mixed":
-            cuda = self.device.type == "cuda"
-            self.autocast_dtype = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+            if self.device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+                self.autocast_dtype = torch.bfloat16
+            else:
+                log.warning("model_precision mixed: this GPU has no native bfloat16; running fp32")
         self.temperature = float(ckpt.get("temperature", 1.0))
         self.t_mean = float(ckpt.get("t_score_mean", 0.0))
         self.t_std = float(ckpt.get("t_score_std", 1.0))

@@ -111,13 +111,22 @@ JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}  # lossless only
 _OPERATOR_OPJ_THREADS = os.environ.get("OPJ_NUM_THREADS")  # as the process was started
 
 
+MAX_AUTO_DECODE_THREADS = 4  # decode_threads 0: beyond this, workers on a big host would crowd each other
+
+
 def set_jpeg2000_threads(threads: int) -> None:
     """Let OpenJPEG (inside Pillow, which decodes JPEG 2000 here, and pylibjpeg) decode one image on
-    `threads` threads, 0 meaning one per core. OpenJPEG takes the count from the OPJ_NUM_THREADS
-    environment variable each time it creates a decoder, and decodes on one thread without it. An
-    OPJ_NUM_THREADS the process was started with is the operator's and stays."""
-    if _OPERATOR_OPJ_THREADS is None:
-        os.environ["OPJ_NUM_THREADS"] = "ALL_CPUS" if threads == 0 else str(threads)
+    `threads` threads; 0 means the cores this process may run on (its CPU affinity: cpusets and
+    taskset count, unlike OpenJPEG's own ALL_CPUS), at most MAX_AUTO_DECODE_THREADS. OpenJPEG takes
+    the count from the OPJ_NUM_THREADS environment variable each time it creates a decoder, and
+    decodes on one thread without it. An OPJ_NUM_THREADS the process was started with is the
+    operator's and stays."""
+    if _OPERATOR_OPJ_THREADS is not None:
+        return
+    if threads == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, min(cores, MAX_AUTO_DECODE_THREADS))
+    os.environ["OPJ_NUM_THREADS"] = str(threads)
 
 
 def reduced_jpeg2000(ds: Dataset, levels: int) -> np.ndarray | None:

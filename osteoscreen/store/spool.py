@@ -73,19 +73,26 @@ class Spool:
 
     def _place(self, staged: list[Path]) -> list[Path]:
         """Rename finished files under tmp/ into today's folder, then fsync each and the folder once.
-        Several files at once cost about one journal commit: the first fsync writes the others' data
-        and renames with it."""
+        Nothing of a call that fails is left behind."""
         day = datetime.now(timezone.utc).strftime("%Y%m%d")
         folder = self.root / day
-        folder.mkdir(parents=True, exist_ok=True)
         finals = []
-        for path in staged:
-            final = folder / f"{uuid.uuid4().hex}.dcm"
-            os.replace(path, final)
-            finals.append(final)
-        for final in finals:
-            fsync_file(final)
-        fsync_dir(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in staged:
+                final = folder / f"{uuid.uuid4().hex}.dcm"
+                os.replace(path, final)
+                finals.append(final)
+            for final in finals:
+                fsync_file(final)
+            fsync_dir(folder)
+        except BaseException:
+            for path in [*finals, *staged]:  # no file the caller will not record stays behind
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            raise
         return finals
 
     def adopt(self, src: Path) -> Path:
@@ -100,6 +107,8 @@ class Spool:
 
     def write_datasets(self, datasets: list) -> list[Path]:
         """Write several Datasets (a study's result objects) durably, in one go; their paths in order."""
+        if not datasets:
+            return []
         staged = []
         try:
             for ds in datasets:
