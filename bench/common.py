@@ -46,6 +46,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
     return predicate()
 
 
+def tail_of(path: Path, chars: int = 3000) -> str:
+    """The last `chars` characters of a log file ("" when it cannot be read)."""
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if not path:
@@ -79,10 +87,7 @@ class Proc:
         return self.proc.poll() is None
 
     def tail(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return tail_of(self.log, n)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (a clean shutdown), then SIGKILL after `timeout` seconds."""

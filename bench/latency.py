@@ -62,7 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.inference import _Bar, _free_port, _load, _port_open, _ratio, _wait, format_rows, row  # noqa: E402
+from bench.common import free_port as _free_port, load_average as _load, port_open as _port_open  # noqa: E402
+from bench.common import tail_of, wait_for as _wait  # noqa: E402
+from bench.inference import _Bar, _ratio, format_rows, row  # noqa: E402
 
 ROUTE_LUA = ROOT / "docker" / "orthanc" / "route.lua"
 SETTLE_SECONDS = 1.0
@@ -85,13 +87,6 @@ def _stop(proc: subprocess.Popen | None, grace: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError as exc:
-        return f"({exc})"
 
 
 def orthanc_binary() -> str:
@@ -127,7 +122,7 @@ class Orthanc:
         ok = _wait(lambda: self.proc.poll() is not None or (_port_open(self.dicom_port) and self._alive()), 60, 0.2)
         if not ok or self.proc.poll() is not None:
             self.stop()
-            raise RuntimeError(f"Orthanc did not start:\n{_tail(self.log)}")
+            raise RuntimeError(f"Orthanc did not start:\n{tail_of(self.log)}")
 
     def _alive(self) -> bool:
         try:
@@ -170,7 +165,7 @@ class Node:
         ok = _wait(lambda: _port_open(port) or self.proc.poll() is not None, 120, 0.2)
         if not ok or self.proc.poll() is not None:
             self.stop()
-            raise RuntimeError(f"the node did not start:\n{_tail(self.log)}")
+            raise RuntimeError(f"the node did not start:\n{tail_of(self.log)}")
 
     def query(self, sql: str, *params) -> list[tuple]:
         con = sqlite3.connect(f"file:{self.storage / 'osteoscreen.db'}?mode=ro", uri=True, timeout=10)
@@ -408,8 +403,8 @@ def run(quick: bool, workdir: Path, progress: bool = True, studies: int | None =
                                                     else rec.get("error", "?")))
             raw["cases"][case]["studies"] = recs
     except Exception:
-        raw["node_log_tail"] = _tail(node.log) if node else None
-        raw["orthanc_log_tail"] = _tail(orthanc.log) if orthanc else None
+        raw["node_log_tail"] = tail_of(node.log) if node else None
+        raw["orthanc_log_tail"] = tail_of(orthanc.log) if orthanc else None
         raise
     finally:
         bar.close()

@@ -70,7 +70,7 @@ def _largest_label_near(labels: np.ndarray, r: int) -> np.ndarray:
     """grey_dilation(labels, footprint=disc of radius r), mode 'reflect' as scipy's default: for each
     pixel the largest label within r. One distance transform per label, over that label's window."""
     if r >= min(labels.shape):  # numpy's padding reflects differently once it is wider than the array
-        return ndimage.grey_dilation(labels, footprint=np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r)
+        return ndimage.grey_dilation(labels, footprint=_disc(r, 1.0))
     padded = np.pad(labels, r, mode="symmetric")  # numpy's "symmetric" is scipy's "reflect"
     out = np.zeros_like(padded)
     for k, box in enumerate(ndimage.find_objects(padded), start=1):
