@@ -125,6 +125,17 @@ def test_same_seed_same_pixels_and_truth(tmp_path):
     assert all(one.sites[s].t_score == two.sites[s].t_score and one.sites[s].box == two.sites[s].box for s in one.sites)
 
 
+def test_kinds_with_the_same_seed_share_no_uid_or_accession(written):
+    """`--kind hip --seed 7` and `--kind lumbar --seed 7` once made the same StudyInstanceUID, which
+    the node merged into one study."""
+    seen = {}
+    for kind, manifest in written.items():
+        for row in read_manifest(manifest)[1]:
+            ds = dcmread(manifest.parent / row["path"])
+            for key in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.AccessionNumber):
+                assert seen.setdefault(str(key), kind) == kind, f"{key} of {kind} also in {seen[str(key)]}"
+
+
 def test_t_score_shows_in_the_pixels_of_the_site():
     """Mean bone intensity over the site, relative to the soft tissue around it and to the image's
     range, rises with T across phantoms whose exposure, gamma, noise, size and body habitus vary."""

@@ -116,7 +116,7 @@ def _study_info(kind: str, patient: Patient, rng: np.random.Generator, patient_i
                        weight_kg=patient.weight_kg)
     time = f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
     return StudyInfo(study_uid=generate_uid(entropy_srcs=[uid_seed, "study"]), study_date=study_date,
-                     study_time=time, accession=f"SYN{int(uid_seed) % 10 ** 9:09d}", patient=info)
+                     study_time=time, accession=f"SY{kind[0].upper()}{int(uid_seed.partition(':')[2]) % 10 ** 9:09d}", patient=info)
 
 
 def _extras(kind: str, rng: np.random.Generator, implants, implant_rate: float, lumbar_findings) -> StudyExtras:
@@ -146,7 +146,9 @@ def _make(kind: str, rng: np.random.Generator, views, photometric, patient_index
     implant_rate = _check_rate("implant_rate", implant_rate)
     foreign_body_rate = _check_rate("foreign_body_rate", foreign_body_rate)
     chosen = None if profile is None else get_profile(profile)
-    uid_seed = str(int(rng.integers(2 ** 62)))
+    # the kind is part of the UIDs' entropy: `--kind hip --seed 7` and `--kind lumbar --seed 7` draw the
+    # same number here, and must not become one study at the node
+    uid_seed = f"{kind}:{int(rng.integers(2 ** 62))}"
     patient = draw_patient(rng)
     study = _study_info(kind, patient, rng, patient_index, uid_seed)
     drawn = draw_profile(rng, profiles)  # drawn always: same seed, same rest
