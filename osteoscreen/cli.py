@@ -118,12 +118,15 @@ def cmd_predict(args) -> int:
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         raise UsageError(f"no such file: {', '.join(missing)}")
-    for record in predict_files([Path(f) for f in args.files], settings, Path(args.out) if args.out else None):
+    for record in predict_files([Path(f) for f in args.files], settings, Path(args.out) if args.out else None,
+                                _calibration_file(args)):
         if args.json:
             print(json.dumps(record), flush=True)
         else:
             sites = "; ".join(f"{s['site']}: {s['class'] or 'not assessable (' + str(s['reason']) + ')'}"
                               + (f" T≈{s['t_score']:+.1f}" if s["t_score"] is not None else "")
+                              + (f" [{s['t_score_interval'][0]:+.1f}, {s['t_score_interval'][1]:+.1f}]"
+                                 if s.get("t_score_interval") else "")
                               for s in record["sites"]) or f"not assessable ({record['reason']})"
             print(f"{record['file']}: {sites}")
     return 0
@@ -153,15 +156,61 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _calibration_file(args) -> Path | None:
+    if not getattr(args, "calibration", None):
+        return None
+    if not Path(args.calibration).is_file():
+        raise UsageError(f"no such calibration file: {args.calibration}")
+    return Path(args.calibration)
+
+
+def cmd_calibrate(args) -> int:
+    from .training.calibrate import NotEnoughData, calibrate, format_calibration_report
+    settings = load(args.config or None, {"model_path": args.model, "device": args.device})
+    missing = [m for m in args.manifest if not Path(m).is_file()]
+    if missing:
+        raise UsageError(f"no such manifest: {', '.join(missing)}")
+    if not args.manifest:
+        raise UsageError("calibrate needs --manifest CSV (repeatable)")
+    if args.scanner:
+        from .model.calibration import CalibrationError, parse_scanner_key
+        try:
+            parse_scanner_key(args.scanner)
+        except CalibrationError as exc:
+            raise UsageError(str(exc)) from None
+    level = settings.interval_level if args.level is None else args.level
+    if args.embed:  # the model's own calibration, written into a copy of the checkpoint
+        from .training.calibrate import embed_own_calibration
+        try:
+            cal = embed_own_calibration(settings.model_path, [Path(m) for m in args.manifest], Path(args.out),
+                                        version=args.version, level=level, progress=not args.quiet, seed=args.seed)
+        except NotEnoughData as exc:
+            raise UsageError(f"not enough data: {exc}") from None
+        print(format_calibration_report(cal))
+        print(f"wrote {args.out}")
+        return 0
+    try:
+        cal = calibrate([Path(m) for m in args.manifest], settings.model_path, scanner=args.scanner,
+                        level=level,
+                        batchnorm=args.batchnorm, batchnorm_prior=args.batchnorm_prior,
+                        device="cuda" if settings.device == "cuda" else "cpu", progress=not args.quiet, seed=args.seed)
+    except NotEnoughData as exc:
+        raise UsageError(f"not enough data: {exc}") from None
+    cal.save(args.out)
+    print(format_calibration_report(cal))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_score(args) -> int:
-    from .model.inference import LoadedModel
     from .pipeline.dicom_io import set_jpeg2000_threads
+    from .scanners import models_from_settings
     from .training.score import score_manifests
     settings = load(args.config or None, {"model_path": args.model, "device": args.device})
     missing = [m for m in args.manifest if not Path(m).is_file()]
     if missing:
         raise UsageError(f"no such manifest: {', '.join(missing)}")
-    model = LoadedModel(settings.model_path, settings.device, settings.model_threads, settings.model_precision)
+    model = models_from_settings(settings, _calibration_file(args))
     set_jpeg2000_threads(settings.decode_threads)
     try:
         summary = score_manifests([Path(m) for m in args.manifest], model, Path(args.out), progress=not args.quiet)
@@ -509,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, action="append", help="CSV of DICOM paths and truth (repeatable)")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
+    p.add_argument("--calibration", metavar="FILE", help="apply this calibration (osteoscreen calibrate) to every image")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--config")
     p.add_argument("--quiet", action="store_true")
@@ -519,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per file and line")
     p.add_argument("--out", help="also write the SR and heatmap files here")
     p.add_argument("--model", help="checkpoint (default: the shipped model)")
+    p.add_argument("--calibration", metavar="FILE", help="apply this calibration (osteoscreen calibrate) to every image")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--config")
     p.set_defaults(func=cmd_predict)
@@ -546,6 +597,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="fit a site calibration for one scanner (group) from its own images: "
+                       "unlabelled rows adapt, rows with DXA T-scores recalibrate; prints the report")
+    p.add_argument("--manifest", action="append", default=[], help="CSV in the train format; rows with and "
+                   "without T-scores may be mixed (repeatable)")
+    p.add_argument("--out", required=True, help="calibration file to write (JSON)")
+    p.add_argument("--model", help="checkpoint (default: the shipped model)")
+    p.add_argument("--scanner", metavar="KEY", help="the scanner key it is for, Manufacturer|ModelName"
+                   "[|station=S][|serial=N] (default: read from the images)")
+    p.add_argument("--level", type=float, help="interval coverage (default interval_level, 0.9)")
+    p.add_argument("--batchnorm", action="store_true", help="also re-estimate the BatchNorm statistics on the local "
+                   "crops (measured in docs/CALIBRATION.md: no gain on synthD)")
+    p.add_argument("--batchnorm-prior", type=float, default=16.0, help="the source statistics' weight in crops")
+    p.add_argument("--embed", action="store_true", help="fit the model's own calibration (any scanner; from "
+                   "labelled cases of its training scanners) and write the checkpoint carrying it to --out")
+    p.add_argument("--version", help="with --embed: the version of the written checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="screening metrics from a predictions CSV")
     p.add_argument("predictions")

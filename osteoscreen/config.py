@@ -142,6 +142,11 @@ class Settings:
     # fp32, or mixed: the network under torch.autocast in bfloat16 (GPUs without it stay fp32), for GPU
     # throughput; estimates differ from fp32 in the second or third decimal
     model_precision: str = "fp32"
+    # site calibrations (`osteoscreen calibrate`): scanner key "Manufacturer|ModelName[|station=S][|serial=N]"
+    # → calibration file; the most specific key naming an image's scanner applies
+    calibrations: dict = field(default_factory=dict)
+    require_calibration: bool = False  # images from a scanner without one: not assessable (scanner_not_calibrated)
+    interval_level: float = 0.9  # coverage of the T-score prediction intervals
     poll_seconds: float = 0.5
     lease_seconds: float = 120.0
     job_max_attempts: int = 3
@@ -268,10 +273,25 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"model_precision {s.model_precision!r} must be fp32 or mixed")
     if s.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {s.device!r} must be auto, cpu or cuda")
+    _validate_calibrations(s)
     _validate_listener(s)
     _validate_output(s.output)
     _validate_dispatch_retention(s)
     _validate_web(s.web)
+
+
+def _validate_calibrations(s: Settings) -> None:
+    if not 0.5 <= s.interval_level < 1.0:
+        raise ConfigError(f"interval_level must be at least 0.5 and below 1, got {s.interval_level}")
+    if not isinstance(s.calibrations, dict):
+        raise ConfigError("calibrations must map scanner keys (Manufacturer|ModelName) to calibration files")
+    for key, path in s.calibrations.items():
+        parts = str(key).split("|")
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip() or any(
+                not re.fullmatch(r"(station|serial)=.+", p.strip()) for p in parts[2:]):
+            raise ConfigError(f"calibrations: {key!r} is not Manufacturer|ModelName[|station=S][|serial=N]")
+        if not Path(str(path)).is_file():
+            raise ConfigError(f"calibrations: file {path} (for {key}) not found")
 
 
 def _validate_listener(s: Settings) -> None:

@@ -18,6 +18,7 @@ REASON_UNREADABLE_PIXELS = "unreadable_pixels"
 REASON_NOT_SCREENING_IMAGE = "not_screening_image"
 REASON_IMPLANT = "metal_implant"
 REASON_OUT_OF_DISTRIBUTION = "out_of_distribution"
+REASON_SCANNER_NOT_CALIBRATED = "scanner_not_calibrated"
 
 REASON_TEXT = {
     REASON_SITE_NOT_FOUND: "site not found in the image",
@@ -27,7 +28,13 @@ REASON_TEXT = {
     REASON_NOT_SCREENING_IMAGE: "not a hip, pelvis or lumbar-spine radiograph",
     REASON_IMPLANT: "metal implant in the site",
     REASON_OUT_OF_DISTRIBUTION: "image unlike the training data",
+    REASON_SCANNER_NOT_CALIBRATED: "no calibration for this scanner",
 }
+
+
+def one_decimal(value: float | None) -> float | None:
+    """T-scores are reported to one decimal, as DXA reports them (never "-0.0")."""
+    return None if value is None else round(float(value), 1) + 0.0
 
 
 def who_category(t_score: float) -> str:
@@ -73,18 +80,28 @@ class SiteFinding:
     regions: dict[str, float] | None = None
     # Other source images whose estimate of the same site was fused into this one (lumbar AP + lateral).
     fused_with: list[str] = field(default_factory=list)
+    # Prediction interval of t_score at interval_level (split-conformal); None where the calibration
+    # has too few cases of this site type for that level, or there is no calibration.
+    t_score_interval: tuple[float, float] | None = None
+    interval_level: float | None = None
+    # The calibration that produced the estimate (model.calibration.Calibration.summary()), None if none.
+    calibration: dict | None = None
 
     def to_json(self) -> dict:
         out = {
             "site": self.site,
             "class": self.category,
             "probabilities": self.probabilities,
-            "t_score": None if self.t_score is None else round(float(self.t_score), 2),
+            "t_score": one_decimal(self.t_score),
+            "t_score_interval": (None if self.t_score_interval is None
+                                 else [one_decimal(v) for v in self.t_score_interval]),
+            "interval_level": self.interval_level,
             "assessable": self.assessable,
             "reason": self.reason,
+            "calibration": None if self.calibration is None else self.calibration.get("id"),
         }
         if self.regions:
-            out["regions"] = {k: round(float(v), 2) for k, v in self.regions.items()}
+            out["regions"] = {k: one_decimal(v) for k, v in self.regions.items()}
         if self.fused_with:
             out["fused_with"] = list(self.fused_with)
         return out

@@ -9,12 +9,12 @@ from pydicom.errors import InvalidDicomError
 
 from .config import Settings
 from .findings import REASON_NOT_SCREENING_IMAGE, REASON_UNREADABLE_PIXELS
-from .model.inference import LoadedModel
 from .node.routing import classify
 from .pipeline.dicom_io import set_jpeg2000_threads
 from .pipeline.screen import StudyImage, screen_study
 from .reports.heatmap import build_heatmap
 from .reports.sr import build_sr
+from .scanners import models_from_settings
 
 
 def _record(path: Path, sop_uid: str | None, assessable: bool, reason: str | None, sites=(), detail=None) -> dict:
@@ -25,8 +25,9 @@ def _record(path: Path, sop_uid: str | None, assessable: bool, reason: str | Non
     return record
 
 
-def predict_files(paths: list[Path], settings: Settings, out: Path | None = None) -> Iterator[dict]:
-    model = LoadedModel(settings.model_path, settings.device, settings.model_threads, settings.model_precision)
+def predict_files(paths: list[Path], settings: Settings, out: Path | None = None,
+                  calibration: Path | None = None) -> Iterator[dict]:
+    model = models_from_settings(settings, calibration)
     set_jpeg2000_threads(settings.decode_threads)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,14 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from .config import Settings
-from .model.inference import LoadedModel
+from .model.inference import LoadedModel, ScannerModels
 from .pipeline.dicom_io import set_jpeg2000_threads
 from .pipeline.localize import warm_up as warm_up_localiser
 from .pipeline.screen import StudyImage, screen_studies, screen_study
 from .reports.heatmap import build_heatmap
 from .reports.kos import build_kos, positive_findings
 from .reports.sr import build_sr
+from .scanners import models_from_settings
 from .store import queue
 from .store.db import Database
 from .store.models import Delivery, Finding, Instance, Job, Study
@@ -60,7 +61,7 @@ class _Held:
 
 
 class Worker:
-    def __init__(self, settings: Settings, db: Database, model: LoadedModel | None = None):
+    def __init__(self, settings: Settings, db: Database, model: LoadedModel | ScannerModels | None = None):
         self.settings = settings
         set_jpeg2000_threads(settings.decode_threads)
         self.db = db
@@ -74,10 +75,9 @@ class Worker:
         self.on_results: Callable[[], None] | None = None
 
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> LoadedModel | ScannerModels:
         if self._model is None:  # loaded once per process, kept warm
-            self._model = LoadedModel(self.settings.model_path, self.settings.device, self.settings.model_threads,
-                                      self.settings.model_precision)
+            self._model = models_from_settings(self.settings)
             log.info("model %s %s on %s", self._model.info.name, self._model.info.version, self._model.device)
         return self._model
 

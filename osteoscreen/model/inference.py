@@ -3,12 +3,19 @@
 Checkpoint format (torch.save of a dict): state_dict, arch (OsteoNet kwargs), name, version,
 temperature (calibration), t_score_mean/std (regression target scaling), metrics, trained_on, and
 optionally t_outputs (names of the T-score outputs after the site's own, e.g. ["femoral_neck"]),
-tta (test-time augmentation on/off, as the metrics were measured) and ood (per site type: mean,
-precision matrix and threshold of the Mahalanobis distance of pooled features on training crops).
+tta (test-time augmentation on/off, as the metrics were measured), ood (per site type: mean,
+precision matrix and threshold of the Mahalanobis distance of pooled features on training crops)
+and calibration (the model's own, `model.calibration`: T-score corrections and interval residuals
+from its validation data).
+
+`LoadedModel.with_calibration` gives the same model under a site's calibration (its own BatchNorm
+statistics, gate, temperature, corrections and intervals); `ScannerModels` picks, per image, the
+calibration configured for its scanner.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -19,6 +26,7 @@ import numpy as np
 import torch
 
 from ..findings import ModelInfo
+from .calibration import SITE_TYPE_NAMES, Calibration, CalibrationError, key_matches, parse_scanner_key, weights_hash
 from .network import OsteoNet
 
 log = logging.getLogger("osteoscreen.model")
@@ -81,7 +89,7 @@ PRECISIONS = ("fp32", "mixed")
 
 class LoadedModel:
     def __init__(self, path: Path | str, device: str = "auto", threads: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", interval_level: float = 0.9):
         """threads: torch's CPU thread count for this process (None leaves it alone). A study's few
         crops run fastest on one thread; torch's default of one per core costs ~100× on a loaded
         2-core machine (docs/BENCHMARKS.md).
@@ -119,6 +127,58 @@ class LoadedModel:
         self.checkpoint = ckpt
         self.info = ModelInfo(name=ckpt.get("name", "osteoscreen-osteonet"), version=ckpt.get("version", "0"),
                               checksum=file_sha256(self.path))
+        if not 0.5 <= interval_level < 1.0:
+            raise ValueError(f"interval_level must be in [0.5, 1), got {interval_level}")
+        self.interval_level = interval_level
+        self.weights_sha256 = weights_hash(ckpt["state_dict"])
+        self.calibration: Calibration | None = None
+        if ckpt.get("calibration"):
+            own = Calibration.from_json(ckpt["calibration"], f"{self.path.name}'s own calibration")
+            self._check(own)
+            self.calibration = own
+        self.site_calibrated = False  # True on a view made by with_calibration
+        self._variants: dict[str, LoadedModel] = {}
+
+    def _check(self, cal: Calibration) -> None:
+        if cal.model.get("weights_sha256") != self.weights_sha256:
+            raise CalibrationError(f"calibration {cal.id} was fitted for model {cal.model.get('name')} "
+                                   f"{cal.model.get('version')} (weights {str(cal.model.get('weights_sha256'))[:12]}), "
+                                   f"not for {self.info.name} {self.info.version} (weights {self.weights_sha256[:12]})")
+
+    def identity(self) -> dict:
+        """What a calibration records of the model it was fitted for."""
+        return {"name": self.info.name, "version": self.info.version, "weights_sha256": self.weights_sha256}
+
+    def with_calibration(self, cal: Calibration) -> "LoadedModel":
+        """This model under `cal`: the weights shared in substance (a copy of the small network with
+        the calibration's BatchNorm statistics), its gate, temperature, corrections and intervals.
+        One view per calibration id is kept."""
+        if cal.id in self._variants:
+            return self._variants[cal.id]
+        self._check(cal)
+        view = copy.copy(self)
+        view._variants = {}
+        if cal.batchnorm:
+            view.net = copy.deepcopy(self.net)
+            buffers = dict(view.net.named_buffers())
+            for name, values in cal.batchnorm["buffers"].items():
+                if name not in buffers:
+                    raise CalibrationError(f"calibration {cal.id}: the network has no buffer {name}")
+                buffers[name].copy_(torch.as_tensor(values, dtype=buffers[name].dtype))
+            view.net.eval()
+        if cal.ood:
+            view.ood = {int(k): (np.asarray(v["mean"], np.float64), np.asarray(v["precision"], np.float64),
+                                 float(v["threshold"])) for k, v in cal.ood.items()}
+        if cal.temperature:
+            view.temperature = float(cal.temperature)
+        view.calibration = cal
+        view.site_calibrated = True
+        self._variants[cal.id] = view
+        return view
+
+    def for_dataset(self, ds) -> "LoadedModel | None":
+        """The model that scores an image: this one (ScannerModels chooses by scanner)."""
+        return self
 
     def predict(self, crops: np.ndarray, covariates: np.ndarray, site_types: np.ndarray,
                 batch_size: int = 32, lap: Callable[[str], None] | None = None) -> Prediction:
@@ -132,6 +192,13 @@ class LoadedModel:
             s = crops.shape[-1] if crops.ndim == 3 else 0
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
         probs, ts, cams, embs, implant = (np.concatenate(p) for p in zip(*parts))
+        if self.calibration is not None:  # the calibration's linear T-score corrections, per site type
+            ts = np.stack([self.calibration.correct(ts[:, k], site_types, name)
+                           for k, name in enumerate(["", *self.region_names])], axis=1)
+            if self.calibration.probabilities == "predictive":
+                predictive = self.calibration.class_probabilities(ts[:, 0], [SITE_TYPE_NAMES[t] for t in site_types])
+                ok = np.isfinite(predictive).all(axis=1)
+                probs[ok] = predictive[ok]
         regions = {name: ts[:, k + 1] for k, name in enumerate(self.region_names)} or None
         pred = Prediction(probs, ts[:, 0], cams, embs, regions,
                           implant_probability=implant if self.net.implant is not None else None)
@@ -190,3 +257,46 @@ class LoadedModel:
             t = t_norm * self.t_std + self.t_mean
         return (probs.cpu().numpy(), t.cpu().numpy(), cam.cpu().numpy(),
                 fmap.mean(dim=(2, 3)).cpu().numpy(), torch.sigmoid(implant.detach()).cpu().numpy())
+
+
+class ScannerModels:
+    """The model with a calibration per scanner (config `calibrations:`): an image is scored under
+    the most specific key that names its scanner (serial, then station, then model), else under the
+    model's own calibration, or refused (None) when `require_calibration` is set."""
+
+    def __init__(self, base: LoadedModel, calibrations: dict[str, Calibration] | None = None,
+                 require_calibration: bool = False, default: Calibration | None = None):
+        """default: a calibration for every image no key names (`predict/score --calibration FILE`)."""
+        self.base = base
+        self.default = base.with_calibration(default) if default is not None else None
+        self.info = base.info
+        self.require_calibration = require_calibration
+        self.entries = []
+        for key, cal in (calibrations or {}).items():
+            parsed = parse_scanner_key(key)
+            self.entries.append((len(parsed), parsed, base.with_calibration(cal)))
+        self.entries.sort(key=lambda e: -e[0])
+
+    def for_dataset(self, ds) -> LoadedModel | None:
+        for _, parsed, view in self.entries:
+            if key_matches(parsed, ds):
+                return view
+        if self.default is not None:
+            return self.default
+        return None if self.require_calibration else self.base
+
+    def __getattr__(self, name):  # the base model's attributes (interval_level, precision, …)
+        return getattr(self.base, name)
+
+
+
+def load_scanner_models(model_path: Path | str, *, device: str = "auto", threads: int | None = None,
+                        precision: str = "fp32", interval_level: float = 0.9,
+                        calibrations: dict[str, Path | str] | None = None, require_calibration: bool = False,
+                        calibration_file: Path | str | None = None) -> ScannerModels:
+    """The model and the calibration files of config `calibrations:` (scanner key → file), checked
+    against the model; `calibration_file` applies to every image. Raises CalibrationError."""
+    base = LoadedModel(model_path, device, threads, precision, interval_level)
+    loaded = {key: Calibration.load(path) for key, path in (calibrations or {}).items()}
+    default = Calibration.load(calibration_file) if calibration_file else None
+    return ScannerModels(base, loaded, require_calibration, default)

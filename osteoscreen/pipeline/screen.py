@@ -20,11 +20,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ..findings import (CLASSES, REASON_IMPLANT, REASON_LOW_LOCALISATION_CONFIDENCE, REASON_NOT_SCREENING_IMAGE,
-                        REASON_OUT_OF_DISTRIBUTION, REASON_SITE_NOT_FOUND, REASON_UNREADABLE_PIXELS,
-                        REASON_UNSUPPORTED_VIEW, ImageResult, SiteFinding)
-from ..model.inference import LoadedModel
+                        REASON_OUT_OF_DISTRIBUTION, REASON_SCANNER_NOT_CALIBRATED, REASON_SITE_NOT_FOUND,
+                        REASON_UNREADABLE_PIXELS, REASON_UNSUPPORTED_VIEW, ImageResult, SiteFinding)
+from ..model.inference import LoadedModel, ScannerModels
 from .covariates import read_covariates
-from .crops import normalise, paste_map, site_type, square_crop
+from .crops import SITE_TYPES, normalise, paste_map, site_type, square_crop
 from .dicom_io import BlankImage, UnreadablePixels, load_radiograph, resample
 from .localize import locate_sites
 from .quality import MetalDetector, anatomy_present
@@ -84,9 +84,20 @@ class _Pending:
     covariates: list[float]
     site_type: int
     shape: tuple[int, int]
+    model: LoadedModel  # the model under the calibration of this image's scanner
 
 
-def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, sites) -> list[_Pending]:
+@dataclass
+class _Scored:
+    """What fusion and the intervals need of a scored site."""
+
+    log_probabilities: np.ndarray
+    model: LoadedModel
+    site_type: int
+
+
+def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, sites, model: LoadedModel
+                     ) -> list[_Pending]:
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, item.region, item.view,
                                                      patient_left_on_image_right=patient_left_on_image_right(ds),
                                                      image_laterality=header_laterality(ds))}
@@ -114,7 +125,7 @@ def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, si
                               box=source_box, confidence=float(loc.confidence))
         result.sites.append(finding)
         crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
-        pending.append(_Pending(result, finding, crop, cov, site_type(site, item.view), rad.pixels.shape))
+        pending.append(_Pending(result, finding, crop, cov, site_type(site, item.view), rad.pixels.shape, model))
     return pending
 
 
@@ -123,16 +134,27 @@ def _refuse(finding: SiteFinding, reason: str) -> None:
     finding.category = finding.probabilities = finding.t_score = finding.regions = None
 
 
-def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool, feather: float) -> dict[int, np.ndarray]:
-    """One batched model call; fills the findings, refuses out-of-distribution crops; returns each
-    pending site's logits-space evidence (log-probabilities) for fusion, by finding id."""
+def _score(pending: list[_Pending], heatmaps: bool, feather: float) -> dict[int, _Scored]:
+    """One batched model call per calibration among the pending sites (usually one); fills the
+    findings, refuses out-of-distribution crops; returns what fusion and the intervals need of each
+    scored site, by finding id."""
+    groups: dict[int, list[_Pending]] = {}
+    for p in pending:
+        groups.setdefault(id(p.model), []).append(p)
+    scored: dict[int, _Scored] = {}
+    for members in groups.values():
+        scored.update(_score_with(members, members[0].model, heatmaps, feather))
+    return scored
+
+
+def _score_with(pending: list[_Pending], model: LoadedModel, heatmaps: bool, feather: float) -> dict[int, _Scored]:
     pred = model.predict(np.stack([normalise(p.crop.pixels) for p in pending]),
                          np.array([p.covariates for p in pending], dtype=np.float32),
                          np.array([p.site_type for p in pending]))
     outside = pred.out_of_distribution()
     metal = (pred.implant_probability > IMPLANT_PROBABILITY_LIMIT if pred.implant_probability is not None
              else np.zeros(len(pending), dtype=bool))
-    evidence = {}
+    scored = {}
     for i, p in enumerate(pending):
         if metal[i]:
             _refuse(p.finding, REASON_IMPLANT)
@@ -148,25 +170,25 @@ def _score(pending: list[_Pending], model: LoadedModel, heatmaps: bool, feather:
         if names and pred.region_t_scores:
             p.finding.regions = {names[0]: p.finding.t_score}
             p.finding.regions.update({r: float(v[i]) for r, v in pred.region_t_scores.items() if r in names})
-        evidence[id(p.finding)] = np.log(np.clip(probs, 1e-6, 1.0))
+        scored[id(p.finding)] = _Scored(np.log(np.clip(probs, 1e-6, 1.0)), model, p.site_type)
         if heatmaps:
             p.result.heatmap = np.maximum(p.result.heatmap, paste_map(pred.cams[i], p.crop, p.shape, feather))
-    return evidence
+    return scored
 
 
-def fuse_views(results: list[ImageResult], evidence: dict[int, np.ndarray]) -> None:
+def fuse_views(results: list[ImageResult], scored: dict[int, _Scored]) -> None:
     """Give every assessable estimate of a site that several images of the study show (lumbar AP +
     lateral) the fused estimate: mean log-probabilities renormalised (= mean logits under one
     temperature), mean T-score."""
     by_site: dict[str, list[SiteFinding]] = {}
     for result in results:
         for f in result.sites:
-            if f.assessable and id(f) in evidence:
+            if f.assessable and id(f) in scored:
                 by_site.setdefault(f.site, []).append(f)
     for findings in by_site.values():
         if len(findings) < 2:
             continue
-        z = np.mean([evidence[id(f)] for f in findings], axis=0)
+        z = np.mean([scored[id(f)].log_probabilities for f in findings], axis=0)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         t = float(np.mean([f.t_score for f in findings]))
@@ -175,6 +197,29 @@ def fuse_views(results: list[ImageResult], evidence: dict[int, np.ndarray]) -> N
             f.probabilities = {c: round(float(v), 4) for c, v in zip(CLASSES, probs)}
             f.category = CLASSES[int(np.argmax(probs))]
             f.t_score = t
+
+
+def attach_intervals(results: list[ImageResult], scored: dict[int, _Scored]) -> None:
+    """Each scored estimate gets the prediction interval of the calibration it was scored under
+    (Mondrian bin: its site type, or lumbar_fused for a fused estimate) and names that calibration."""
+    for result in results:
+        for f in result.sites:
+            s = scored.get(id(f))
+            if s is None or f.t_score is None:
+                continue
+            cal = s.model.calibration
+            f.calibration = cal.summary() if (cal is not None and s.model.site_calibrated) else None
+            if cal is None:
+                continue
+            bin_name = "lumbar_fused" if f.fused_with else SITE_TYPES[s.site_type]
+            if f.fused_with and cal.probabilities == "predictive":  # the fused T-score's own distribution
+                probs = cal.class_probabilities(np.array([f.t_score]), [bin_name])[0]
+                if np.isfinite(probs).all():
+                    f.probabilities = {c: round(float(v), 4) for c, v in zip(CLASSES, probs)}
+                    f.category = CLASSES[int(np.argmax(probs))]
+            low, high = cal.intervals(np.array([f.t_score]), [bin_name], s.model.interval_level)[0]
+            if np.isfinite(low):
+                f.t_score_interval, f.interval_level = (float(low), float(high)), s.model.interval_level
 
 
 def _finish(result: ImageResult) -> None:
@@ -189,7 +234,7 @@ def _finish(result: ImageResult) -> None:
             :result.display.shape[0], :result.display.shape[1]]
 
 
-def _prepare(images: list[StudyImage], heatmaps: bool) -> tuple[list[ImageResult], list[_Pending]]:
+def _prepare(images: list[StudyImage], model, heatmaps: bool) -> tuple[list[ImageResult], list[_Pending]]:
     """Decode, locate and gate a study's images: one ImageResult per image, and the sites that wait
     for the model."""
     results: list[ImageResult] = []
@@ -204,6 +249,11 @@ def _prepare(images: list[StudyImage], heatmaps: bool) -> tuple[list[ImageResult
             result.assessable, result.reason = False, REASON_UNSUPPORTED_VIEW
             result.sites = [_not_assessable(ds, s, REASON_UNSUPPORTED_VIEW) for s in sites]
             continue
+        scanner_model = model.for_dataset(ds)
+        if scanner_model is None:  # require_calibration and none for this scanner
+            result.assessable, result.reason = False, REASON_SCANNER_NOT_CALIBRATED
+            result.sites = [_not_assessable(ds, s, REASON_SCANNER_NOT_CALIBRATED) for s in sites]
+            continue
         try:
             rad = load_radiograph(ds)
         except UnreadablePixels as exc:
@@ -216,27 +266,28 @@ def _prepare(images: list[StudyImage], heatmaps: bool) -> tuple[list[ImageResult
             result.display = resample(rad.pixels, factor) if factor < 1 else rad.pixels
             result.display_scale = rad.scale * factor
             result.heatmap = np.zeros(rad.pixels.shape, dtype=np.float32)
-        pending += _locate_and_gate(ds, item, rad, result, sites)
+        pending += _locate_and_gate(ds, item, rad, result, sites, scanner_model)
     return results, pending
 
 
-def _conclude(results: list[ImageResult], evidence: dict[int, np.ndarray]) -> list[ImageResult]:
-    fuse_views(results, evidence)
+def _conclude(results: list[ImageResult], scored: dict[int, _Scored]) -> list[ImageResult]:
+    fuse_views(results, scored)
+    attach_intervals(results, scored)
     for result in results:
         _finish(result)
     return results
 
 
-def screen_study(images: list[StudyImage], model: LoadedModel, heatmaps: bool = True,
+def screen_study(images: list[StudyImage], model: LoadedModel | ScannerModels, heatmaps: bool = True,
                  feather: float = HEATMAP_FEATHER) -> list[ImageResult]:
-    """feather: the heatmap's fade towards each crop's border (0 keeps the raw Grad-CAM, as
-    training.cam_check measures it)."""
-    results, pending = _prepare(images, heatmaps)
-    evidence = _score(pending, model, heatmaps, feather) if pending else {}
-    return _conclude(results, evidence)
+    """model: one model, or ScannerModels (a calibration per scanner). feather: the heatmap's fade
+    towards each crop's border (0 keeps the raw Grad-CAM, as training.cam_check measures it)."""
+    results, pending = _prepare(images, model, heatmaps)
+    scored = _score(pending, heatmaps, feather) if pending else {}
+    return _conclude(results, scored)
 
 
-def screen_studies(studies: list[list[StudyImage]], model: LoadedModel, heatmaps: bool = True,
+def screen_studies(studies: list[list[StudyImage]], model: LoadedModel | ScannerModels, heatmaps: bool = True,
                    feather: float = HEATMAP_FEATHER, return_exceptions: bool = False) -> list:
     """Several studies with one model call for all their sites (what a worker that claimed several
     jobs runs). Each study's results are those `screen_study` gives it alone: the network sees every
@@ -249,14 +300,14 @@ def screen_studies(studies: list[list[StudyImage]], model: LoadedModel, heatmaps
     prepared: list = []
     for images in studies:
         try:
-            prepared.append(_prepare(images, heatmaps))
+            prepared.append(_prepare(images, model, heatmaps))
         except Exception as exc:
             if not return_exceptions:
                 raise
             prepared.append(exc)
     batch = [p for prep in prepared if not isinstance(prep, Exception) for p in prep[1]]
     try:
-        evidence = _score(batch, model, heatmaps, feather) if batch else {}
+        evidence = _score(batch, heatmaps, feather) if batch else {}
     except Exception:
         if not return_exceptions:
             raise
@@ -268,7 +319,7 @@ def screen_studies(studies: list[list[StudyImage]], model: LoadedModel, heatmaps
             continue
         results, pending = prep
         try:
-            own = evidence if evidence is not None else (_score(pending, model, heatmaps, feather) if pending else {})
+            own = evidence if evidence is not None else (_score(pending, heatmaps, feather) if pending else {})
             out.append(_conclude(results, own))
         except Exception as exc:
             if not return_exceptions:
@@ -277,7 +328,7 @@ def screen_studies(studies: list[list[StudyImage]], model: LoadedModel, heatmaps
     return out
 
 
-def screen_image(ds: Dataset, region: str, view: str, model: LoadedModel, heatmaps: bool = True,
+def screen_image(ds: Dataset, region: str, view: str, model: LoadedModel | ScannerModels, heatmaps: bool = True,
                  feather: float = HEATMAP_FEATHER) -> ImageResult:
     return screen_study([StudyImage(ds, region, view)], model, heatmaps, feather)[0]
 

@@ -17,6 +17,10 @@ Standard codes (checked against pydicom 3.0's PS3.16 concept dictionary unless n
 - DCM 113000 "Of Interest" (CID 7010 Key Object Selection Document Title): the title of the Key
   Object Selection document flagging the images with a positive site (its Key Object Description,
   DCM 113012, is added by highdicom).
+- SCT 371886008 "+, range of upper measurement uncertainty" and SCT 371885007 "-, range of lower
+  measurement uncertainty" (TID 310 Measurement Properties, as highdicom writes them): the
+  prediction interval of an estimated T-score as offsets above and below the value; its coverage
+  is the private PI-LEVEL property beside them.
 - UCUM "1" "no units" (CID 7181) for probabilities in [0, 1]; UCUM "{T-score}" (a UCUM annotation,
   dimensionless) for the estimated T-score.
 
@@ -34,6 +38,8 @@ SITE-NOT-FOUND …      One code per reason in ``findings.REASON_TEXT`` (see ``R
 STUDY-CATEGORY        Worst-site bone density category — study-level summary
 NOT-ASSESSABLE        Not assessable — study-level value when no site could be assessed
 STUDY-SUMMARY         Study summary (TEXT)
+PI-LEVEL              Prediction interval coverage (NUM, property of an estimated T-score)
+CALIBRATION           Calibration (TEXT): which site calibration produced the estimates, or none
 USE-LIMITATION        Use limitation (TEXT): synthetic-phantom training, not for diagnostic use
 ====================  =====================================================================
 """
@@ -47,6 +53,7 @@ from ..findings import (
     REASON_LOW_LOCALISATION_CONFIDENCE,
     REASON_NOT_SCREENING_IMAGE,
     REASON_OUT_OF_DISTRIBUTION,
+    REASON_SCANNER_NOT_CALIBRATED,
     REASON_SITE_NOT_FOUND,
     REASON_TEXT,
     REASON_UNREADABLE_PIXELS,
@@ -122,12 +129,17 @@ REASON_CODES = {
         (REASON_NOT_SCREENING_IMAGE, "NOT-SCREENING"),
         (REASON_IMPLANT, "METAL-IMPLANT"),
         (REASON_OUT_OF_DISTRIBUTION, "OUT-OF-DISTRIB"),
+        (REASON_SCANNER_NOT_CALIBRATED, "NOT-CALIBRATED"),
     )
 }
 STUDY_CATEGORY = _private("STUDY-CATEGORY", "Worst-site bone density category")
 NOT_ASSESSABLE = _private("NOT-ASSESSABLE", "Not assessable")
 STUDY_SUMMARY = _private("STUDY-SUMMARY", "Study summary")
 USE_LIMITATION = _private("USE-LIMITATION", "Use limitation")
+INTERVAL_LEVEL = _private("PI-LEVEL", "Prediction interval coverage")
+CALIBRATION = _private("CALIBRATION", "Calibration")
+UPPER_UNCERTAINTY = Code("371886008", "SCT", "+, range of upper measurement uncertainty")
+LOWER_UNCERTAINTY = Code("371885007", "SCT", "-, range of lower measurement uncertainty")
 
 # The statement every result object carries as text (SR and burned into the heatmap).
 DISCLAIMER = "Synthetic-phantom research model - NOT FOR DIAGNOSTIC USE"

@@ -58,7 +58,11 @@ def site_text(finding: SiteFinding) -> str:
     if not finding.assessable:
         return f"{site_label(finding.site)}: not assessable: {REASON_TEXT.get(finding.reason, finding.reason)}"
     t_score = "" if finding.t_score is None else f", estimated T-score {finding.t_score:+.1f}"
-    return f"{site_label(finding.site)}: {finding.category}{t_score}"
+    if finding.t_score is not None and finding.t_score_interval is not None:
+        low, high = finding.t_score_interval
+        t_score += f" ({100 * finding.interval_level:.0f} % interval {low:+.1f} to {high:+.1f})"
+    calibration = f"; calibration {finding.calibration['id']}" if finding.calibration else ""
+    return f"{site_label(finding.site)}: {finding.category}{t_score}{calibration}"
 
 
 def _draw_boxes(image: Image.Image, sites: list[SiteFinding], scale: float) -> None:

@@ -11,6 +11,7 @@ _IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 _MEASUREMENT_GROUP = Code("125007", "DCM", "Measurement Group")
 _TRACKING_IDENTIFIER = Code("112039", "DCM", "Tracking Identifier")
 _FINDING_SITE = Code("363698007", "SCT", "Finding Site")
+_ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
 _REGION_BY_CODE = {(c.scheme_designator, c.value): region for region, c in codes.REGION_ANATOMY.items()}
 
 _CATEGORY_BY_CODE = {(c.scheme_designator, c.value): cls for cls, c in codes.CATEGORY_CODES.items()}
@@ -32,6 +33,16 @@ def _is(item: pydicom.Dataset, code: Code) -> bool:
 def _children(item: pydicom.Dataset, code: Code) -> list[pydicom.Dataset]:
     """Direct child content items named `code`."""
     return [child for child in item.get("ContentSequence", []) if _is(child, code)]
+
+
+def _descendants(item: pydicom.Dataset, code: Code) -> list[pydicom.Dataset]:
+    """Content items named `code` anywhere below `item`."""
+    found = []
+    for child in item.get("ContentSequence", []):
+        if _is(child, code):
+            found.append(child)
+        found += _descendants(child, code)
+    return found
 
 
 def _number(item: pydicom.Dataset) -> float:
@@ -64,10 +75,20 @@ def _finding(group: pydicom.Dataset) -> SiteFinding:
         region = _REGION_BY_CODE.get(_code_value(sites[0])) if sites else None
         if region is None:
             finding.t_score = _number(item)
+            upper, lower = _children(item, codes.UPPER_UNCERTAINTY), _children(item, codes.LOWER_UNCERTAINTY)
+            if upper and lower:
+                finding.t_score_interval = (round(finding.t_score - _number(lower[0]), 1),
+                                            round(finding.t_score + _number(upper[0]), 1))
+                level = _children(item, codes.INTERVAL_LEVEL)
+                finding.interval_level = _number(level[0]) if level else None
         else:
             finding.regions = {**(finding.regions or {}), region: _number(item)}
     if finding.regions and finding.t_score is not None and finding.site.endswith("_hip"):
         finding.regions = {"total_hip": finding.t_score, **finding.regions}
+    for item in _descendants(group, _ALGORITHM_PARAMETERS):
+        name, _, value = str(item.TextValue).partition(":")
+        if name == "calibration" and value != "none":
+            finding.calibration = {"id": value}
     probabilities = {cls: _number(items[0]) for cls, code in codes.PROBABILITY_CODES.items()
                      if (items := _children(group, code))}
     finding.probabilities = probabilities or None

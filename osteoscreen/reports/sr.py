@@ -32,7 +32,7 @@ from highdicom.sr import (
 from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.valuerep import DA, TM
 
-from ..findings import CLASSES, ModelInfo, SiteFinding, worst_site
+from ..findings import CLASSES, ModelInfo, SiteFinding, one_decimal, worst_site
 from . import codes
 from .uids import derived_uid
 
@@ -84,11 +84,29 @@ def algorithm_equipment(model: ModelInfo, manufacturer: str) -> hd.ContributingE
                                  f"(sha256:{model.checksum}); {codes.DISCLAIMER}")
 
 
-def _algorithm(model: ModelInfo, manufacturer: str) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification of the model."""
+def calibration_text(finding: SiteFinding) -> str:
+    """Which calibration produced an estimate: "calibration:<id>", or "calibration:none"."""
+    return f"calibration:{finding.calibration['id']}" if finding.calibration else "calibration:none"
+
+
+def _algorithm(model: ModelInfo, manufacturer: str, finding: SiteFinding) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification of the model, with the calibration as a parameter."""
     return hd.sr.AlgorithmIdentification(
-        name=model.name, version=model.version, parameters=[f"sha256:{model.checksum}"],
+        name=model.name, version=model.version, parameters=[f"sha256:{model.checksum}", calibration_text(finding)],
         family=codes.ARTIFICIAL_INTELLIGENCE, manufacturer=manufacturer)
+
+
+def _interval_properties(finding: SiteFinding, value: float) -> hd.sr.MeasurementProperties | None:
+    """TID 310 properties of the estimated T-score: its prediction interval as offsets above and
+    below the reported value, and the interval's coverage."""
+    if finding.t_score_interval is None:
+        return None
+    low, high = (one_decimal(v) for v in finding.t_score_interval)
+    properties = hd.sr.MeasurementProperties(upper_measurement_uncertainty=one_decimal(max(0.0, high - value)),
+                                             lower_measurement_uncertainty=one_decimal(max(0.0, value - low)))
+    properties.append(hd.sr.NumContentItem(name=codes.INTERVAL_LEVEL, value=float(finding.interval_level),
+                                           unit=codes.NO_UNITS, relationship_type=RelationshipTypeValues.HAS_PROPERTIES))
+    return properties
 
 
 def _observation_context(model: ModelInfo, manufacturer: str) -> hd.sr.ObservationContext:
@@ -104,14 +122,15 @@ def _observation_context(model: ModelInfo, manufacturer: str) -> hd.sr.Observati
 def _measurements(finding: SiteFinding) -> list[hd.sr.Measurement]:
     """Estimated T-score and class probabilities, where the finding has them."""
     out = []
-    if finding.t_score is not None:
-        out.append(hd.sr.Measurement(name=codes.ESTIMATED_T_SCORE, value=float(finding.t_score),
-                                     unit=codes.T_SCORE_UNIT, derivation=codes.ESTIMATED))
+    if finding.t_score is not None:  # to one decimal, as DXA reports it
+        value = one_decimal(finding.t_score)
+        out.append(hd.sr.Measurement(name=codes.ESTIMATED_T_SCORE, value=value, unit=codes.T_SCORE_UNIT,
+                                     derivation=codes.ESTIMATED, properties=_interval_properties(finding, value)))
     _, laterality = codes.SITE_ANATOMY[finding.site]
     for region, value in (finding.regions or {}).items():
         if region in codes.REGION_ANATOMY and value is not None:  # e.g. femoral neck within the hip
             out.append(hd.sr.Measurement(
-                name=codes.ESTIMATED_T_SCORE, value=float(value), unit=codes.T_SCORE_UNIT, derivation=codes.ESTIMATED,
+                name=codes.ESTIMATED_T_SCORE, value=one_decimal(value), unit=codes.T_SCORE_UNIT, derivation=codes.ESTIMATED,
                 finding_sites=[hd.sr.FindingSite(anatomic_location=codes.REGION_ANATOMY[region], laterality=laterality)]))
     probabilities = finding.probabilities or {}
     for cls in CLASSES:
@@ -144,7 +163,7 @@ def _site_group(finding: SiteFinding, model: ModelInfo, manufacturer: str,
             uid=derived_uid(finding.source_sop_instance_uid, finding.site, "tracking"),
             identifier=finding.site),
         finding_sites=[hd.sr.FindingSite(anatomic_location=anatomy, laterality=laterality)],
-        algorithm_id=_algorithm(model, manufacturer),
+        algorithm_id=_algorithm(model, manufacturer, finding),
         measurements=_measurements(finding),
         qualitative_evaluations=[evaluation] if evaluation is not None else None,
         source_images=[hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=sop_class,
@@ -158,9 +177,24 @@ def study_summary(findings: list[SiteFinding]) -> str:
     if worst is None:
         return "No site could be assessed."
     t_score = "" if worst.t_score is None else f", estimated T-score {worst.t_score:+.1f}"
+    if worst.t_score_interval is not None:
+        low, high = worst.t_score_interval
+        t_score += f" ({100 * worst.interval_level:.0f} % interval {low:+.1f} to {high:+.1f})"
     fused = sorted({site_label(f.site) for f in findings if f.assessable and f.fused_with})
     views = f" {', '.join(fused)}: one estimate from several views combined." if fused else ""
     return f"Worst site: {site_label(worst.site)}, {worst.category}{t_score}.{views}"
+
+
+def calibration_summary(findings: list[SiteFinding]) -> str:
+    """Which site calibrations produced the study's estimates (id, date, cases), or that none did."""
+    used = {f.calibration["id"]: f.calibration for f in findings if f.assessable and f.calibration}
+    parts = [f"{c['id']} for {c.get('scanner') or 'this scanner'} ({str(c.get('created', ''))[:10]}; "
+             f"{c.get('n_labelled', 0)} DXA-labelled and {c.get('n_unlabelled', 0)} unlabelled studies)"
+             for c in used.values()]
+    if parts:
+        return "Site calibration: " + "; ".join(parts) + "."
+    return ("No site calibration for this scanner: estimates and intervals come from the model's own "
+            "validation data (synthetic phantoms of its training scanners).")
 
 
 def _study_evaluations(findings: list[SiteFinding], model: ModelInfo) -> ContainerContentItem:
@@ -175,6 +209,8 @@ def _study_evaluations(findings: list[SiteFinding], model: ModelInfo) -> Contain
         TextContentItem(name=codes.STUDY_SUMMARY, value=study_summary(findings),
                         relationship_type=RelationshipTypeValues.CONTAINS),
         TextContentItem(name=codes.USE_LIMITATION, value=f"{codes.DISCLAIMER}. {model.description}",
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        TextContentItem(name=codes.CALIBRATION, value=calibration_summary(findings),
                         relationship_type=RelationshipTypeValues.CONTAINS),
     ])
     return container

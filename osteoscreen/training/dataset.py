@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..config import Routing
 from ..findings import CLASSES, who_category
+from ..model.calibration import scanner_key
 from ..node.routing import classify
 from ..pipeline.covariates import read_covariates
 from ..pipeline.crops import square_crop, site_type
@@ -53,9 +54,16 @@ class Samples:
     # has_mask says which rows carry one
     masks: np.ndarray | None = None
     has_mask: np.ndarray | None = None
+    # N scanner keys (Manufacturer|ManufacturerModelName) and StudyDates (YYYYMMDD or "") of the images
+    scanners: np.ndarray | None = None
+    study_dates: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.labels)
+        if self.scanners is None:
+            self.scanners = np.full(n, "", dtype=object).astype(str)
+        if self.study_dates is None:
+            self.study_dates = np.full(n, "", dtype=object).astype(str)
         if self.region_t_scores is None:
             self.region_t_scores = np.full((n, len(REGION_OUTPUTS)), np.nan, np.float32)
         if self.implants is None:
@@ -87,8 +95,9 @@ def _region_view(row: dict, ds) -> tuple[str | None, str | None]:
 
 
 def _samples_from_row(args) -> tuple[list[tuple], str | None]:
-    """Crops of one manifest row; returns (samples, problem)."""
-    row, base = args
+    """Crops of one manifest row; returns (samples, problem). With `unlabelled`, every expected site
+    of a row without T-scores gives a crop too (T-score NaN, label -1): what `calibrate` adapts on."""
+    row, base, unlabelled = args
     path = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
     try:
         ds = dcmread(path)
@@ -100,6 +109,8 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
         return [], f"{path.name}: region/view unknown"
     truth = {s: (row.get(f"{s}_t_score") or "").strip() for s in EXPECTED_SITES[region]}
     truth = {s: float(v) for s, v in truth.items() if v}
+    if not truth and unlabelled:
+        truth = dict.fromkeys(EXPECTED_SITES[region], float("nan"))
     if not truth:
         return [], None
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, region, view,
@@ -107,6 +118,7 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
                                                      image_laterality=header_laterality(ds))}
     cov = read_covariates(ds).vector()
     group = row.get("study_instance_uid") or str(ds.get("StudyInstanceUID", path))
+    scanner = scanner_key(ds)
     try:
         bone = _bone_mask(row, base, rad)
     except (OSError, ValueError) as exc:
@@ -122,8 +134,9 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
         implant = int((row.get(f"{site}_implant") or "0").strip() not in ("", "0"))
         mask = (None if bone is None else
                 np.round(square_crop(bone, loc.box, mirrored=(site == "left_hip")).pixels * 255).astype(np.uint8))
-        out.append((crop.pixels, cov, site_type(site, view), t, CLASSES.index(who_category(t)), group, site, regions,
-                    implant, mask))
+        label = -1 if np.isnan(t) else CLASSES.index(who_category(t))
+        out.append((crop.pixels, cov, site_type(site, view), t, label, group, site, regions, implant, mask,
+                    scanner, str(ds.get("StudyDate", "") or "")))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
 
 
@@ -156,14 +169,15 @@ def _float(text) -> float:
         return float("nan")
 
 
-def extract_samples(manifests: list[Path], progress: bool = True, workers: int = 2) -> tuple[Samples, list[str]]:
+def extract_samples(manifests: list[Path], progress: bool = True, workers: int = 2,
+                    unlabelled: bool = False) -> tuple[Samples, list[str]]:
     jobs = []
     for manifest in manifests:
         with open(manifest, newline="") as fh:
             rows = list(csv.DictReader(fh))
         if not rows or "path" not in rows[0]:
             raise ValueError(f"{manifest} must be a CSV with a 'path' column")
-        jobs += [(row, manifest.resolve().parent) for row in rows]
+        jobs += [(row, manifest.resolve().parent, unlabelled) for row in rows]
     collected, problems = [], []
     # Spawned, not forked: the learned localiser runs torch in the workers, and a fork of a process
     # whose torch thread pool has started deadlocks (as a second extraction after training did).
@@ -185,4 +199,5 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
                    site_types=np.array(cols[2], dtype=np.int64), t_scores=np.array(cols[3], dtype=np.float32),
                    labels=np.array(cols[4], dtype=np.int64), groups=np.array(cols[5]),
                    sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32),
-                   implants=np.array(cols[8], dtype=np.int64), masks=masks, has_mask=has_mask), problems
+                   implants=np.array(cols[8], dtype=np.int64), masks=masks, has_mask=has_mask,
+                   scanners=np.array(cols[10]).astype(str), study_dates=np.array(cols[11]).astype(str)), problems

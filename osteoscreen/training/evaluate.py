@@ -118,8 +118,24 @@ def expected_calibration_error(y_onehot: np.ndarray, probs: np.ndarray, bins: in
     return float(ece)
 
 
+def interval_coverage(true_t: np.ndarray, intervals: np.ndarray) -> dict | None:
+    """Share of true T-scores inside their prediction intervals (Wilson CI) and the mean width, over
+    the rows that have an interval; None when none has."""
+    intervals = np.asarray(intervals, dtype=float)
+    ok = np.isfinite(intervals).all(axis=1) & np.isfinite(true_t)
+    if not ok.any():
+        return None
+    inside = (intervals[ok, 0] <= true_t[ok]) & (true_t[ok] <= intervals[ok, 1])
+    k, n = int(inside.sum()), int(ok.sum())
+    return {"n": n, "coverage": k / n, "coverage_ci": wilson_ci(k, n),
+            "mean_width": float(np.mean(intervals[ok, 1] - intervals[ok, 0])), "rows_without_interval": int((~ok).sum())}
+
+
 def evaluate_arrays(true_class: list[str], predicted_class: list[str], probs: np.ndarray | None = None,
-                    true_t: np.ndarray | None = None, predicted_t: np.ndarray | None = None) -> dict:
+                    true_t: np.ndarray | None = None, predicted_t: np.ndarray | None = None,
+                    intervals: np.ndarray | None = None) -> dict:
+    """intervals: N×2 prediction intervals of predicted_t (NaN where none): their coverage is
+    reported under t_score.interval."""
     labels = list(CLASSES)
     unknown = sorted(set(true_class + predicted_class) - set(labels))
     if unknown:
@@ -156,6 +172,10 @@ def evaluate_arrays(true_class: list[str], predicted_class: list[str], probs: np
                                  "bland_altman": {"mean_difference": float(diff.mean()),
                                                   "loa_lower": float(diff.mean() - Z95 * diff.std(ddof=1)),
                                                   "loa_upper": float(diff.mean() + Z95 * diff.std(ddof=1))}}
+            if intervals is not None:
+                coverage = interval_coverage(np.asarray(true_t, float), np.asarray(intervals, float))
+                if coverage:
+                    report["t_score"]["interval"] = coverage
     return report
 
 
@@ -187,6 +207,8 @@ def read_predictions(path: Path) -> dict:
         out["probs"] = np.stack([floats(c) for c in pcols], axis=1)
     if "true_t_score" in rows[0] and "predicted_t_score" in rows[0]:
         out["true_t"], out["predicted_t"] = floats("true_t_score"), floats("predicted_t_score")
+    if "t_score_low" in rows[0] and "t_score_high" in rows[0]:
+        out["intervals"] = np.stack([floats("t_score_low"), floats("t_score_high")], axis=1)
     for region in ("femoral_neck",):
         if f"true_{region}_t_score" in rows[0] and f"predicted_{region}_t_score" in rows[0]:
             out.setdefault("regions", {})[region] = (floats(f"true_{region}_t_score"), floats(f"predicted_{region}_t_score"))
@@ -203,7 +225,7 @@ def evaluate_csv(path: Path, plots: Path | None = None) -> dict:
                 "rows_true_cols_predicted": [[0] * len(CLASSES) for _ in CLASSES]},
                 "not_assessable": data["not_assessable"]}
     report = evaluate_arrays(data["true_class"], data["predicted_class"], data.get("probs"),
-                             data.get("true_t"), data.get("predicted_t"))
+                             data.get("true_t"), data.get("predicted_t"), data.get("intervals"))
     if "not_assessable" in data:
         report["not_assessable"] = data["not_assessable"]
     for region, (true, pred) in data.get("regions", {}).items():
@@ -428,6 +450,12 @@ def format_report(report: dict) -> str:
         ba = t["bland_altman"]
         lines.append(f"T-score: MAE {t['mae']:.3f}, r {t['pearson_r'] if t['pearson_r'] is None else round(t['pearson_r'], 3)}, "
                      f"Bland-Altman bias {ba['mean_difference']:+.3f} (LoA {ba['loa_lower']:+.2f} to {ba['loa_upper']:+.2f})")
+        if "interval" in t:
+            iv = t["interval"]
+            lines.append(f"prediction intervals: coverage {100 * iv['coverage']:.1f} % (95 % CI "
+                         f"{100 * iv['coverage_ci'][0]:.1f}-{100 * iv['coverage_ci'][1]:.1f}) of {iv['n']}, "
+                         f"mean width {iv['mean_width']:.2f}"
+                         + (f"; {iv['rows_without_interval']} without an interval" if iv["rows_without_interval"] else ""))
     for region, r in report.get("regions", {}).items():
         lines.append(f"{region.replace('_', ' ')} T-score: n {r['n']}, MAE {r['mae']:.3f}, r {r['pearson_r']:.3f}")
     if "not_assessable" in report:

@@ -29,7 +29,8 @@ from ..pipeline.screen import EXPECTED_SITES, StudyImage, screen_study
 
 COLUMNS = ["group", "site", "site_type", "files", "assessable", "reason", "true_class", "predicted_class",
            "p_normal", "p_osteopenia", "p_osteoporosis", "true_t_score", "predicted_t_score",
-           "true_femoral_neck_t_score", "predicted_femoral_neck_t_score", "implant"]
+           "true_femoral_neck_t_score", "predicted_femoral_neck_t_score", "implant",
+           "t_score_low", "t_score_high", "interval_level", "calibration"]
 
 
 def _studies(manifest: Path) -> list[list[dict]]:
@@ -72,6 +73,10 @@ def _row(group: str, site: str, rows: list[dict], findings: list[SiteFinding], v
     if chosen.assessable:
         out.update(predicted_class=chosen.category, predicted_t_score=f"{chosen.t_score:.3f}",
                    **{f"p_{c}": f"{chosen.probabilities[c]:.5f}" for c in CLASSES})
+        if chosen.t_score_interval is not None:
+            out.update(t_score_low=f"{chosen.t_score_interval[0]:.3f}", t_score_high=f"{chosen.t_score_interval[1]:.3f}",
+                       interval_level=chosen.interval_level)
+        out["calibration"] = (chosen.calibration or {}).get("id", "")
         neck = (chosen.regions or {}).get("femoral_neck")
         out["predicted_femoral_neck_t_score"] = "" if neck is None else f"{neck:.3f}"
     return out

@@ -1,0 +1,251 @@
+"""Calibrations: what adapts the model to one scanner (or scanner group), and how sure an estimate is.
+
+A calibration is one JSON record (`osteoscreen calibrate` writes it; `training.calibrate` fits it).
+It may hold, each part optional:
+
+- ``batchnorm``: BatchNorm running statistics re-estimated on the scanner's own crops (mixed with
+  the source statistics, Schneider et al. 2020): the network's view of that scanner's processing;
+- ``ood``: the out-of-distribution gate re-referenced to the adapted features of those crops;
+- ``temperature``: the softmax temperature re-fitted on local DXA-labelled cases;
+- ``t_correction``: per site type a linear T-score correction ``a + b·T`` (b shrunk toward 1 when
+  cases are few), fitted on local DXA-labelled cases;
+- ``residuals``: per interval bin (``hip``, ``lumbar_ap``, ``lumbar_lat``, ``lumbar_fused``) the
+  signed out-of-fold residuals (true − corrected estimate) from which split-conformal prediction
+  intervals are made (Mondrian: one quantile per bin, by crepes).
+
+A model's own calibration (fitted on its validation data, no scanner) lives in its checkpoint; a
+site's calibration replaces it for the images of its scanner. Calibrations name the model they
+were fitted for by a hash of its weights, and are refused by any other model.
+
+This module applies calibrations; it fits nothing (``training.calibrate`` does).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "osteoscreen-calibration/1"
+SITE_TYPE_NAMES = ("hip", "lumbar_ap", "lumbar_lat")  # pipeline.crops.SITE_TYPES, the model's site types
+INTERVAL_BINS = (*SITE_TYPE_NAMES, "lumbar_fused")
+MIN_BIN_RESIDUALS = 9  # fewer residuals than this give no 90 % interval (crepes would return ±inf)
+
+
+class CalibrationError(ValueError):
+    """A calibration file is unreadable, malformed or made for another model."""
+
+
+# --- scanner keys ------------------------------------------------------------------------------------
+
+SCANNER_FIELDS = (("manufacturer", "Manufacturer"), ("model", "ManufacturerModelName"),
+                  ("station", "StationName"), ("serial", "DeviceSerialNumber"))
+
+
+def _clean(value) -> str:
+    return re.sub(r"\s+", " ", str(value or "")).strip()
+
+
+def scanner_key(ds, with_station: bool = False, with_serial: bool = False) -> str:
+    """The scanner key of an image: ``Manufacturer|ManufacturerModelName``, with ``|station=…`` or
+    ``|serial=…`` when asked (a key names one scanner, or every scanner of that model)."""
+    key = f"{_clean(ds.get('Manufacturer'))}|{_clean(ds.get('ManufacturerModelName'))}"
+    if with_station:
+        key += f"|station={_clean(ds.get('StationName'))}"
+    if with_serial:
+        key += f"|serial={_clean(ds.get('DeviceSerialNumber'))}"
+    return key
+
+
+def parse_scanner_key(key: str) -> dict[str, str]:
+    """``"Acme|FP-43|station=XR3"`` → {"manufacturer": "Acme", "model": "FP-43", "station": "XR3"}."""
+    parts = [p.strip() for p in str(key).split("|")]
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise CalibrationError(f"scanner key {key!r} is not 'Manufacturer|ModelName[|station=S][|serial=N]'")
+    out = {"manufacturer": _clean(parts[0]), "model": _clean(parts[1])}
+    for extra in parts[2:]:
+        name, sep, value = extra.partition("=")
+        if not sep or name not in ("station", "serial") or not value.strip():
+            raise CalibrationError(f"scanner key {key!r}: {extra!r} is not station=NAME or serial=NUMBER")
+        out[name] = _clean(value)
+    return out
+
+
+def key_matches(parsed: dict[str, str], ds) -> bool:
+    """Whether an image comes from the scanner(s) a parsed key names (case-insensitive)."""
+    for name, keyword in SCANNER_FIELDS:
+        if name in parsed and _clean(ds.get(keyword)).casefold() != parsed[name].casefold():
+            return False
+    return True
+
+
+# --- the record --------------------------------------------------------------------------------------
+
+def weights_hash(state_dict) -> str:
+    """sha256 over a model's parameters (not its BatchNorm statistics, which a calibration replaces),
+    in name order: the identity a calibration is bound to, unchanged by re-saving a checkpoint."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        tensor = state_dict[name]
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Calibration:
+    created: str
+    model: dict  # name, version, weights_sha256
+    scanner: str | None = None  # the key it was fitted for (None: the model's own, any scanner)
+    n: dict = field(default_factory=dict)  # studies and crops, labelled and not, per site type
+    dates: dict = field(default_factory=dict)  # first and last StudyDate of the cases
+    batchnorm: dict | None = None  # {"pseudo_count": N, "buffers": {name: [values]}}
+    ood: dict | None = None  # per site type index (str): mean, precision, threshold
+    temperature: float | None = None
+    # "classifier": the class head's softmax (under `temperature`); "predictive": the class
+    # probabilities read off the conformal predictive distribution of the corrected T-score
+    probabilities: str = "classifier"
+    t_correction: dict = field(default_factory=dict)  # output ("hip", "hip:femoral_neck", …) → {intercept, slope}
+    residuals: dict = field(default_factory=dict)  # interval bin → signed residuals
+    report: dict = field(default_factory=dict)
+    created_by: str = ""
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.id:
+            self.id = self.content_id()
+
+    def content_id(self) -> str:
+        """A short id derived from the content: the same fit gives the same id."""
+        body = {k: v for k, v in asdict(self).items() if k not in ("id", "report", "created", "created_by")}
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=float).encode()).hexdigest()
+        return f"cal-{digest[:12]}"
+
+    # ---- identity
+    def describe(self) -> str:
+        """One line for reports: id, date and case numbers."""
+        labelled = self.n.get("labelled_studies", 0)
+        unlabelled = self.n.get("unlabelled_studies", 0)
+        return f"{self.id} ({self.created[:10]}; {labelled} labelled, {unlabelled} unlabelled studies)"
+
+    def summary(self) -> dict:
+        """What the SR, the database and the dashboard keep of it."""
+        return {"id": self.id, "created": self.created, "scanner": self.scanner,
+                "n_labelled": int(self.n.get("labelled_studies", 0)),
+                "n_unlabelled": int(self.n.get("unlabelled_studies", 0))}
+
+    # ---- application
+    def correct(self, t: np.ndarray, site_types: np.ndarray, output: str = "") -> np.ndarray:
+        """Apply the linear T-score corrections (identity where none was fitted). `output` names a
+        sub-region output ("femoral_neck"), corrected by its own fit or else by its site type's."""
+        t = np.asarray(t, dtype=np.float64).copy()
+        for index, name in enumerate(SITE_TYPE_NAMES):
+            fit = self.t_correction.get(f"{name}:{output}" if output else name) or self.t_correction.get(name)
+            if fit:
+                m = np.asarray(site_types) == index
+                t[m] = fit["intercept"] + fit["slope"] * t[m]
+        return t
+
+    def class_probabilities(self, t: np.ndarray, bins: list[str]) -> np.ndarray:
+        """N×3 probabilities of normal / osteopenia / osteoporosis from the predictive distribution of
+        the corrected T-score: P(T >= -1), P(-2.5 < T < -1), P(T <= -2.5); NaN rows where a bin has
+        no residuals."""
+        low = self.probability_at_most(t, bins, -2.5)
+        below_normal = self.probability_at_most(t, bins, -1.0 - 1e-9)
+        return np.stack([1 - below_normal, below_normal - low, low], axis=1).clip(0, 1)
+
+    def has_intervals(self, bin_name: str) -> bool:
+        return len(self.residuals.get(bin_name, ())) >= MIN_BIN_RESIDUALS
+
+    def _bins(self, bins: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Mondrian set-up for crepes: the calibration residuals with their bin labels, and each
+        query's bin (its own, or the one standing in for it; -1 where none can)."""
+        names = [b for b in INTERVAL_BINS if self.has_intervals(b)]
+        residuals = np.concatenate([np.asarray(self.residuals[b], np.float64) for b in names]) if names else np.zeros(0)
+        labels = np.concatenate([np.full(len(self.residuals[b]), i) for i, b in enumerate(names)]) if names \
+            else np.zeros(0, int)
+        wanted = [b if self.has_intervals(b) else _fallback(self, b) for b in bins]
+        query = np.array([names.index(w) if w in names else -1 for w in wanted], dtype=int)
+        return residuals, labels, query, query >= 0
+
+    def intervals(self, t: np.ndarray, bins: list[str], level: float) -> np.ndarray:
+        """N×2 split-conformal prediction intervals at `level`, Mondrian by bin (crepes); NaN rows
+        where a bin has too few residuals for that level. A fused lumbar estimate without fused
+        residuals takes the wider of the AP and lateral bins."""
+        from crepes import ConformalRegressor
+        t = np.asarray(t, dtype=np.float64)
+        out = np.full((len(t), 2), np.nan)
+        residuals, labels, query, ok = self._bins(list(bins))
+        if ok.any():
+            with warnings.catch_warnings():  # too few for the level: crepes warns and returns ±inf
+                warnings.simplefilter("ignore")
+                cr = ConformalRegressor().fit(np.abs(residuals), bins=labels)
+                out[ok] = cr.predict_int(t[ok], bins=query[ok], confidence=level)
+        out[~np.isfinite(out).all(axis=1)] = np.nan
+        return out
+
+    def probability_at_most(self, t: np.ndarray, bins: list[str], threshold: float) -> np.ndarray:
+        """P(true T <= threshold) from a conformal predictive system over the bins' signed residuals
+        (crepes; NaN where a bin has none): e.g. the chance that a DXA would say osteoporosis."""
+        from crepes import ConformalPredictiveSystem
+        t = np.asarray(t, dtype=np.float64)
+        out = np.full(len(t), np.nan)
+        residuals, labels, query, ok = self._bins(list(bins))
+        if ok.any():
+            cps = ConformalPredictiveSystem().fit(residuals, bins=labels)
+            out[ok] = cps.predict(t[ok], bins=query[ok], y=threshold, smoothing=False)
+        return out
+
+    # ---- files
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    def save(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, default=float))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "calibration") -> "Calibration":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CalibrationError(f"{source} is not an osteoscreen calibration ({FORMAT})")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            cal = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise CalibrationError(f"{source}: {exc}") from None
+        if not isinstance(cal.model, dict) or "weights_sha256" not in cal.model:
+            raise CalibrationError(f"{source} does not say which model it calibrates")
+        return cal
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Calibration":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CalibrationError(f"calibration file {path} not found") from None
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"calibration file {path} is not readable JSON: {exc}") from None
+        return cls.from_json(data, str(path))
+
+
+def _fallback(cal: Calibration, bin_name: str) -> str | None:
+    """The bin whose residuals stand in for one that has too few: a fused lumbar estimate takes the
+    wider of its two views'."""
+    if bin_name != "lumbar_fused":
+        return None
+    views = [b for b in ("lumbar_ap", "lumbar_lat") if cal.has_intervals(b)]
+    if not views:
+        return None
+    return max(views, key=lambda b: np.quantile(np.abs(cal.residuals[b]), 0.9))
+
