@@ -22,6 +22,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from .config import Settings
+from .model.calibration import scanner_key
 from .model.inference import LoadedModel, ScannerModels
 from .pipeline.dicom_io import set_jpeg2000_threads
 from .pipeline.localize import warm_up as warm_up_localiser
@@ -224,9 +225,15 @@ class Worker:
             objects = self._result_objects(study, images, results, site_findings, heatmaps)
         paths = self.outbox.write_datasets([ds for _, ds in objects])  # fsynced before the rows commit
         written = [(kind, str(ds.SOPInstanceUID), path) for (kind, ds), path in zip(objects, paths)]
+        scanners = {str(im.dataset.SOPInstanceUID): scanner_key(im.dataset) for im in images}
         findings = [Finding(study_id=study.id, job_id=job.id, sop_instance_uid=f.source_sop_instance_uid,
                             site=f.site, assessable=f.assessable, category=f.category,
                             probabilities=f.probabilities, t_score=f.t_score, reason=f.reason,
+                            t_score_low=f.t_score_interval[0] if f.t_score_interval else None,
+                            t_score_high=f.t_score_interval[1] if f.t_score_interval else None,
+                            interval_level=f.interval_level,
+                            calibration_id=(f.calibration or {}).get("id"),
+                            scanner=scanners.get(f.source_sop_instance_uid, "")[:200] or None,
                             model_name=info.name, model_version=info.version) for f in site_findings]
         deliveries = [Delivery(study_id=study.id, sop_instance_uid=uid, kind=kind, path=str(path),
                                destination=str(dest)) for kind, uid, path in written

@@ -32,7 +32,12 @@ def test_json_contract_and_written_objects(tmp_path, capsys):
     assert sorted(s["site"] for s in pelvis["sites"]) == ["left_hip", "right_hip"]
     for s in pelvis["sites"]:
         # the DESIGN.md contract keys, extended compatibly with the DXA regions of a hip
-        assert set(s) == SITE_KEYS | {"regions"} and s["assessable"] and s["class"] in ("normal", "osteopenia", "osteoporosis")
+        assert set(s) == SITE_KEYS | {"regions", "t_score_interval", "interval_level", "calibration"}
+        assert s["assessable"] and s["class"] in ("normal", "osteopenia", "osteoporosis")
+        # the shipped model's own calibration gives a 90 % interval around the estimate, to one decimal
+        low, high = s["t_score_interval"]
+        assert s["interval_level"] == 0.9 and low < s["t_score"] < high and s["calibration"] is None
+        assert all(round(v, 1) == v for v in (low, high, s["t_score"]))
         assert set(s["probabilities"]) == {"normal", "osteopenia", "osteoporosis"}
         assert set(s["regions"]) == {"total_hip", "femoral_neck"} and s["regions"]["total_hip"] == s["t_score"]
     assert thorax["assessable"] is False and thorax["reason"] == "not_screening_image" and thorax["sites"] == []

@@ -90,6 +90,12 @@ class Finding(Base):
     category: Mapped[str | None] = mapped_column(String(16))
     probabilities: Mapped[dict | None] = mapped_column(JSON)
     t_score: Mapped[float | None] = mapped_column(Float)
+    # prediction interval of t_score at interval_level; the site calibration behind it (None: the model's own)
+    t_score_low: Mapped[float | None] = mapped_column(Float)
+    t_score_high: Mapped[float | None] = mapped_column(Float)
+    interval_level: Mapped[float | None] = mapped_column(Float)
+    calibration_id: Mapped[str | None] = mapped_column(String(32))
+    scanner: Mapped[str | None] = mapped_column(String(200))  # Manufacturer|ManufacturerModelName of the image
     reason: Mapped[str | None] = mapped_column(Text)
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(32))
