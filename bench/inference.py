@@ -130,15 +130,18 @@ def positive_study(kind: str, first_seed: int):
 
 def real_crops(n_hip: int, n_lumbar: int):
     """Crops, covariates and site types from synthetic studies through the pipeline's own extraction."""
+    from osteoscreen.config import DEFAULT_MODEL
+    from osteoscreen.model.inference import LoadedModel
     from osteoscreen.pipeline import screen
     from osteoscreen.pipeline.crops import normalise
     from osteoscreen.pipeline.screen import StudyImage
     from osteoscreen.synth import make_study
+    model = LoadedModel(DEFAULT_MODEL, "cpu")  # _prepare asks it which calibration an image's scanner has
     crops, covs, types = [], [], []
     for kind, count in (("hip", n_hip), ("lumbar", n_lumbar)):
         for seed in range(count):
             images = make_study(kind, np.random.default_rng(1000 + seed), patient_index=seed)
-            _, pending = screen._prepare([StudyImage(im.dataset, kind, im.view) for im in images], heatmaps=False)
+            _, pending = screen._prepare([StudyImage(im.dataset, kind, im.view) for im in images], model, heatmaps=False)
             for p in pending:
                 crops.append(normalise(p.crop.pixels))
                 covs.append(p.covariates)

@@ -82,15 +82,15 @@ def test_mixed_precision_predicts_what_fp32_does_in_float32():
     from osteoscreen.synth import make_study
 
     crops, covs, types = [], [], []
+    full = LoadedModel(DEFAULT_MODEL, device="cpu", threads=1)
     for kind, seed in (("hip", 1), ("hip", 2), ("lumbar", 3)):
         images = make_study(kind, np.random.default_rng(seed), patient_index=seed)
-        _, pending = screen._prepare([StudyImage(im.dataset, kind, im.view) for im in images], heatmaps=False)
+        _, pending = screen._prepare([StudyImage(im.dataset, kind, im.view) for im in images], full, heatmaps=False)
         for p in pending:
             crops.append(normalise(p.crop.pixels))
             covs.append(p.covariates)
             types.append(p.site_type)
     crops, covs, types = np.stack(crops).astype(np.float32), np.array(covs, np.float32), np.array(types)
-    full = LoadedModel(DEFAULT_MODEL, device="cpu", threads=1)
     mixed = LoadedModel(DEFAULT_MODEL, device="cpu", threads=1, precision="mixed")
     assert full.autocast_dtype is None and mixed.autocast_dtype == torch.bfloat16
     a, b = full.predict(crops, covs, types), mixed.predict(crops, covs, types)

@@ -346,9 +346,23 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     model_path = out / "model.pt"
     torch.save(ckpt, model_path)
+    own = _own_calibration(model_path, va_clean, cfg)
+    if own is not None:  # T-score corrections and interval residuals from the validation split, cross-fitted
+        ckpt["calibration"] = own.to_json()
+        torch.save(ckpt, model_path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_model_card(out / "model_card.md", ckpt)
     return model_path
+
+
+def _own_calibration(model_path: Path, validation: Samples, cfg: TrainConfig):
+    """The model's own calibration from its validation crops (None when they are too few)."""
+    from .calibrate import NotEnoughData, calibrate
+    try:
+        return calibrate([], model_path, samples=validation, adapt_gate=False, progress=False, seed=cfg.seed,
+                         device="cuda" if pick_device(cfg.device).type == "cuda" else "cpu")
+    except NotEnoughData:
+        return None
 
 
 def _report(net, s: Samples, device, scoring: dict, out: Path, name: str) -> dict:
