@@ -369,13 +369,14 @@ def cmd_db_show(args) -> int:
     reports: dict[int, list[dict]] = {}
     for f in d.findings_history:  # newest job first
         reports.setdefault(f["job_id"], []).append(f)
-    site_headers = ["site", "result", "T", "reason", "image (SOP Instance UID)"]
+    site_headers = ["site", "result", "T", "interval", "calibration", "reason", "image (SOP Instance UID)"]
     for n, (job_id, findings) in enumerate(reports.items()):
         title = "Latest report" if n == 0 else "Earlier report"
         rows = [(f["site"], t.result(f["category"] if f["assessable"] else "not_assessable"), t.t_score(f["t_score"]),
+                 t.interval(f), f["calibration_id"] or ("model's own" if f["assessable"] else ""),
                  f["reason"], f["sop_instance_uid"]) for f in findings]
         out += ["", f"{title}: job {job_id}, {t.when(findings[0]['created_at'], True)} UTC, model "
-                f"{findings[0]['model_version']}", t.render(site_headers, rows, widths={4: 64}, right=[2], indent="  ")]
+                f"{findings[0]['model_version']}", t.render(site_headers, rows, widths={6: 64}, right=[2], indent="  ")]
     if not reports:
         out += ["", "Reports: none"]
     sections = [

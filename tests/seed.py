@@ -81,6 +81,10 @@ def seed(url: str, outbox: Path) -> Seeded:
                 s.add(Finding(study_id=st.id, job_id=job.id, sop_instance_uid=f"{st.study_uid}.1.0", site=site,
                               assessable=category is not None, category=category, t_score=t, reason=reason,
                               probabilities=None if category is None else {category: 0.8},
+                              # a 90 % interval of ±0.6; the right hip's estimate from a site calibration
+                              t_score_low=None if t is None else t - 0.6, t_score_high=None if t is None else t + 0.6,
+                              interval_level=None if t is None else 0.9,
+                              calibration_id="cal-seeded000001" if site == "right_hip" and category else None,
                               model_name="osteoscreen-osteonet", model_version=version,
                               created_at=job.finished_at))
             if delivered:

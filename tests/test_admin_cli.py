@@ -140,6 +140,8 @@ def test_show_re_reported_study(seeded, capsys):
     assert latest < earlier
     latest_part, earlier_part = out[latest:earlier], out[earlier:out.index("Instances:")]
     assert "left_hip   normal" in latest_part and "osteoporosis" not in latest_part
+    # each estimate's prediction interval, and the calibration behind it (or the model's own)
+    assert "-1.5..-0.3 (90%)  model's own" in latest_part and "cal-seeded000001" in latest_part
     assert "left_hip   osteoporosis  -2.7" in earlier_part
     assert "Jobs: 2" in out and "Deliveries: 2" in out and "Acknowledgements: 0" in out
     # by Study Instance UID: the same study
@@ -339,6 +341,8 @@ def test_export_csv(seeded, capsys, tmp_path):
     by_acc = {r["accession_number"]: r for r in rows}
     s10 = by_acc["ACC0010"]
     assert s10["left_hip_category"] == "normal" and s10["left_hip_t_score"] == "-0.9" and s10["result"] == "normal"
+    assert (s10["left_hip_t_score_low"], s10["left_hip_t_score_high"], s10["left_hip_calibration"]) == ("-1.5", "-0.3", "")
+    assert s10["right_hip_calibration"] == "cal-seeded000001"
     assert by_acc["ACC0007"]["left_hip_category"] == "not_assessable"
     assert by_acc["ACC0007"]["left_hip_reason"] == "metal_implant"
     assert by_acc["ACC0009"]["lumbar_spine_category"] == "osteopenia" and by_acc["ACC0009"]["left_hip_category"] == ""

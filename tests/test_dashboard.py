@@ -94,6 +94,9 @@ def test_read_only_users_see_but_cannot_acknowledge_or_resend(tmp_path, seeded):
     sign_in(c, "bob")
     page = c.get(f"/studies/{uid(4)}").data
     assert b"Test^Patient04" in page and b">Acknowledge</button>" not in page
+    # the site table shows each estimate's interval and the calibration behind it
+    assert b"-3.5 to -2.3 (90 %)" in page
+    assert b"cal-seeded000001" in page and b"model&#39;s own" in page
     assert b"Re-send" not in c.get("/deliveries").data
     token = csrf(c)
     assert c.post(f"/studies/{uid(4)}/ack", data={"csrf_token": token}).status_code == 403
@@ -295,6 +298,7 @@ def test_dashboard_in_chromium(node, tmp_path):
             page.wait_for_url(f"**/studies/{uid(10)}")
             assert "normal" in page.inner_text("#result")
             assert "osteoporosis" in page.inner_text("#history")
+            assert "-1.5 to -0.3 (90 %)" in page.inner_text("#sites")
 
             # the follow-up worklist: acknowledge the longest waiting
             page.click("header nav >> text=Follow-up")

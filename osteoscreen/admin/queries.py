@@ -78,6 +78,10 @@ class SiteResult:
     reason: str | None
     probabilities: dict | None = None
     sop_instance_uid: str | None = None
+    t_score_low: float | None = None  # prediction interval at interval_level
+    t_score_high: float | None = None
+    interval_level: float | None = None
+    calibration_id: str | None = None  # the site calibration behind the estimate (None: the model's own)
 
 
 @dataclass
@@ -252,7 +256,8 @@ def _screenings(session: Session, rows: list[tuple[int, int | None]], positive_c
         prior = sites[fd.study_id].get(fd.site)
         if prior is None or (not prior.assessable and fd.assessable):
             sites[fd.study_id][fd.site] = SiteResult(fd.site, fd.assessable, fd.category, fd.t_score, fd.reason,
-                                                     fd.probabilities, fd.sop_instance_uid)
+                                                     fd.probabilities, fd.sop_instance_uid, fd.t_score_low,
+                                                     fd.t_score_high, fd.interval_level, fd.calibration_id)
     modalities: dict[int, set] = defaultdict(set)
     skip_reasons: dict[int, str] = {}
     for sid, modality, eligible, reason in (row for chunk in _chunks(ids) for row in session.execute(
@@ -322,6 +327,8 @@ def study_detail(session: Session, key: str, *, positive_categories: list[str]) 
                       purged=i.purged_at is not None)
                  for i in session.scalars(select(Instance).where(Instance.study_id == study.id).order_by(Instance.id))]
     history = [dict(job_id=f.job_id, site=f.site, assessable=f.assessable, category=f.category, t_score=f.t_score,
+                    t_score_low=f.t_score_low, t_score_high=f.t_score_high, interval_level=f.interval_level,
+                    calibration_id=f.calibration_id, scanner=f.scanner,
                     reason=f.reason, sop_instance_uid=f.sop_instance_uid, model_version=f.model_version,
                     created_at=f.created_at)
                for f in session.scalars(select(Finding).where(Finding.study_id == study.id)
@@ -591,7 +598,8 @@ EXPORT_COLUMNS = (
     ["study_uid", "accession_number", "patient_id", "patient_name", "study_date", "calling_ae", "modalities",
      "status", "received_at", "reported_at", "result", "lowest_t_score", "positive", "acknowledged",
      "model_version", "skip_reason"]
-    + [f"{site}_{what}" for site in SITES for what in ("category", "t_score", "reason")])
+    + [f"{site}_{what}" for site in SITES for what in ("category", "t_score", "t_score_low", "t_score_high",
+                                                         "calibration", "reason")])
 
 
 def export_rows(session: Session, filters: Filters | None = None, *, positive_categories: list[str],
@@ -609,6 +617,9 @@ def export_rows(session: Session, filters: Filters | None = None, *, positive_ca
                 row[f"{site}_category"] = (r.category if r and r.assessable else
                                            NOT_ASSESSABLE if r else None)
                 row[f"{site}_t_score"] = None if r is None or r.t_score is None else round(r.t_score, 2)
+                row[f"{site}_t_score_low"] = None if r is None or r.t_score_low is None else round(r.t_score_low, 1)
+                row[f"{site}_t_score_high"] = None if r is None or r.t_score_high is None else round(r.t_score_high, 1)
+                row[f"{site}_calibration"] = r.calibration_id if r else None
                 row[f"{site}_reason"] = r.reason if r else None
             if row.get("lowest_t_score") is not None:
                 row["lowest_t_score"] = round(row["lowest_t_score"], 2)

@@ -66,6 +66,14 @@ def fields(pairs: Sequence[tuple[str, object]], indent: str = "  ") -> str:
     return "\n".join(f"{indent}{label.ljust(width)}  {cell(value)}" for label, value in pairs)
 
 
+def interval(finding: dict) -> str:
+    """A finding's prediction interval, "-3.1..-1.9 (90%)", or "-"."""
+    low, high, level = finding.get("t_score_low"), finding.get("t_score_high"), finding.get("interval_level")
+    if low is None or high is None:
+        return "-"
+    return f"{t_score(low)}..{t_score(high)}" + (f" ({100 * level:.0f}%)" if level else "")
+
+
 def t_score(value: float | None) -> str:
     return EMPTY if value is None else f"{value:+.1f}"
 

@@ -106,7 +106,7 @@ def create_app(settings: Settings, db: Database) -> Flask:
     app.jinja_env.globals.update(version=__version__, SITES=SITES, RESULTS=queries.RESULTS,
                                  STATUSES=queries.STATUSES, REASON_TEXT=REASON_TEXT, ae_title=settings.ae_title,
                                  positive_categories=positive)
-    app.jinja_env.filters.update(t=_fmt_t, dt=_fmt_dt, pct=_fmt_pct, reason=_fmt_reason)
+    app.jinja_env.filters.update(t=_fmt_t, dt=_fmt_dt, pct=_fmt_pct, reason=_fmt_reason, interval=_fmt_interval)
 
     def session():
         if "db_session" not in g:
@@ -347,6 +347,15 @@ def _resend_message(result) -> str:
     if result.skipped_purged:
         parts.append(f"{result.skipped_purged} not possible: the file was removed by retention")
     return "; ".join(parts) + "."
+
+
+def _fmt_interval(r) -> str:
+    """A site's prediction interval, "-3.1 to -1.9 (90 %)", or an empty string."""
+    low, high, level = (r.get(k) if isinstance(r, dict) else getattr(r, k, None)
+                        for k in ("t_score_low", "t_score_high", "interval_level"))
+    if low is None or high is None:
+        return ""
+    return f"{_fmt_t(low)} to {_fmt_t(high)}" + (f" ({100 * level:.0f} %)" if level else "")
 
 
 def _fmt_t(value) -> str:
