@@ -233,3 +233,38 @@ def test_config_calibrations_are_validated(tmp_path, fitted):
         bad.write_text(text)
         with pytest.raises(ConfigError):
             load(bad, environ={})
+
+
+def test_from_node_takes_the_scanners_spooled_images(sets, tmp_path, capsys):
+    """`calibrate --from-node --scanner KEY`: the node's own eligible images of that scanner (read from
+    the spooled files' headers), and none of another scanner's."""
+    from datetime import datetime, timedelta
+
+    from osteoscreen.store.db import Database
+    from osteoscreen.store.models import Instance, Study
+    storage = tmp_path / "var"
+    storage.mkdir()
+    db = Database(f"sqlite:///{storage / 'osteoscreen.db'}")
+    rows = list(csv.DictReader(open(sets["unlabelled"])))
+    other = synthesize("hip", 2, tmp_path / "other", seed=54, progress=False)  # training profiles
+    other_rows = [dict(r, path=str(other.parent / r["path"])) for r in csv.DictReader(open(other))]
+    old = datetime(2020, 1, 1)
+    with db.session() as s:
+        for i, row in enumerate(rows + other_rows + rows[:1]):
+            ds = dcmread(row["path"], stop_before_pixels=True)
+            study = Study(study_uid=f"{ds.StudyInstanceUID}.{i}", status="screened")
+            s.add(study)
+            s.flush()
+            s.add(Instance(study_id=study.id, sop_instance_uid=f"{ds.SOPInstanceUID}.{i}", path=row["path"],
+                           sop_class_uid=str(ds.SOPClassUID), region="hip", view="ap", eligible=True,
+                           received_at=old if i == len(rows) + len(other_rows) else datetime.now() - timedelta(days=1)))
+        s.commit()
+    db.dispose()
+    out = tmp_path / "node.json"
+    assert main(["calibrate", "--from-node", "--scanner", SYNTH_D, "--storage", str(storage), "--since",
+                 (datetime.now() - timedelta(days=30)).date().isoformat(), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"node: {len(rows)} of {len(rows) + len(other_rows)} eligible spooled images are from {SYNTH_D}" in err
+    cal = Calibration.load(out)
+    assert cal.scanner == SYNTH_D and cal.n["unlabelled_studies"] == len(rows) and cal.n["labelled_studies"] == 0
+    assert main(["calibrate", "--from-node", "--storage", str(storage), "--out", str(out)]) == 2  # no --scanner
