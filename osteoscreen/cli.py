@@ -137,10 +137,14 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, val_fraction=args.val_fraction, version=args.version,
                       tta=not args.no_tta, cam_guidance=args.cam_guidance,
-                      cam_guidance_warmup=args.cam_guidance_warmup,
+                      cam_guidance_warmup=args.cam_guidance_warmup, init=args.init, freeze=args.freeze,
                       **({} if args.t_loss_weight is None else {"t_loss_weight": args.t_loss_weight}))
     if args.cam_guidance < 0:
         raise UsageError("--cam-guidance must be >= 0")
+    if args.init and not Path(args.init).is_file():
+        raise UsageError(f"no such checkpoint: {args.init}")
+    if args.freeze != "none" and not args.init:
+        raise UsageError("--freeze needs --init CHECKPOINT (it fixes layers of a trained model)")
     if not 0 <= args.cam_guidance_warmup <= 1:
         raise UsageError("--cam-guidance-warmup must be between 0 and 1")
     holdout: dict[str, list[Path]] = {}
@@ -625,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t-loss-weight", type=float, help="weight of the T-score loss against the class loss "
                    "(default: TrainConfig's)")
     p.add_argument("--no-tta", action="store_true", help="score without test-time augmentation")
+    p.add_argument("--init", metavar="CHECKPOINT", help="fine-tune: start from this model's weights (e.g. the "
+                   "shipped one) instead of from scratch; a lower --lr (e.g. 5e-4) suits it")
+    p.add_argument("--freeze", default="none", choices=["none", "stem", "early", "backbone"],
+                   help="with --init: layers kept fixed (early: up to the Grad-CAM map; backbone: all convolutions)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--version", default="0.3.0")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

@@ -41,3 +41,24 @@ def test_same_seed_same_weights(tmp_path):
 
 def test_train_missing_manifest_is_usage_error(tmp_path):
     assert main(["train", "--manifest", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_fine_tuning_from_the_shipped_model_keeps_frozen_layers(tmp_path):
+    """`train --init CHECKPOINT --freeze backbone`: the convolutional layers (and their BatchNorm
+    statistics) stay the shipped model's; the pooled head learns; the T-score scaling is the start's."""
+    from osteoscreen.config import DEFAULT_MODEL
+    m = synthesize("hip", 4, tmp_path / "local", seed=505, profiles="synthD", progress=False)
+    out = tmp_path / "tuned"
+    assert main(["train", "--manifest", str(m), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+                 "--val-fraction", "0.25", "--init", str(DEFAULT_MODEL), "--freeze", "backbone", "--lr", "5e-4",
+                 "--quiet"]) == 0
+    start = torch.load(DEFAULT_MODEL, weights_only=False)
+    tuned = torch.load(out / "model.pt", weights_only=False)
+    assert tuned["arch"] == start["arch"] and tuned["t_score_mean"] == start["t_score_mean"]
+    assert tuned["trained_on"]["init"]["freeze"] == "backbone"
+    for name, value in start["state_dict"].items():
+        same = torch.equal(value, tuned["state_dict"][name])
+        if name.startswith(("stem.", "stage1.", "stage2.", "context.", "stage3.")):
+            assert same, name  # weights and BatchNorm statistics of the frozen backbone
+    assert not torch.equal(start["state_dict"]["trunk.0.weight"], tuned["state_dict"]["trunk.0.weight"])
+    assert main(["train", "--manifest", str(m), "--out", str(tmp_path / "x"), "--freeze", "early"]) == 2  # no --init

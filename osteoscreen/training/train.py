@@ -51,6 +51,27 @@ class TrainConfig:
     ood_margin: float = 1.15
     version: str = "0.1.0"
     name: str = "osteoscreen-osteonet"
+    # fine-tuning: start from this checkpoint's weights (and its T-score scaling), with FREEZE_GROUPS[freeze] fixed
+    init: str | None = None
+    freeze: str = "none"
+
+
+# What `--freeze` keeps fixed when fine-tuning from `--init` (frozen layers keep their BatchNorm statistics too):
+# none; stem (the first convolution); early (everything before the Grad-CAM map: stem, stages 1-2 and the
+# non-local block); backbone (every convolutional layer: only the pooled head learns).
+FREEZE_GROUPS = {"none": (), "stem": ("stem",), "early": ("stem", "stage1", "stage2", "context"),
+                 "backbone": ("stem", "stage1", "stage2", "context", "stage3")}
+
+
+def freeze(net: OsteoNet, which: str) -> list[torch.nn.Module]:
+    """Fix the parameters of FREEZE_GROUPS[which]; returns those modules (kept in eval mode in training)."""
+    if which not in FREEZE_GROUPS:
+        raise ValueError(f"freeze must be one of {', '.join(FREEZE_GROUPS)}, got {which!r}")
+    modules = [getattr(net, name) for name in FREEZE_GROUPS[which]]
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return modules
 
 
 def seed_everything(seed: int) -> None:
@@ -259,8 +280,18 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
     device = pick_device(cfg.device)
     clean = tr.implants == 0
     t_mean, t_std = float(tr.t_scores[clean].mean()), float(tr.t_scores[clean].std() + 1e-6)
-    net = OsteoNet(n_t_outputs=1 + len(REGION_OUTPUTS), implant_head=bool(samples.implants.any())).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = torch.load(cfg.init, map_location="cpu", weights_only=False) if cfg.init else None
+    if start is not None:  # fine-tuning: the starting model's architecture, weights and T-score scaling
+        net = OsteoNet(**start["arch"])
+        net.load_state_dict(start["state_dict"])
+        net.to(device)
+        t_mean, t_std = float(start["t_score_mean"]), float(start["t_score_std"])
+    else:
+        net = OsteoNet(n_t_outputs=1 + len(REGION_OUTPUTS), implant_head=bool(samples.implants.any())).to(device)
+    frozen = freeze(net, cfg.freeze)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fine-tuning on data without metal must not teach the implant head that metal never occurs
+    train_implant = net.implant is not None and (start is None or bool(tr.implants.any()))
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -284,6 +315,8 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
     t_norm = (t - t_mean) / t_std
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
+        for module in frozen:  # frozen layers keep their BatchNorm statistics
+            module.eval()
         order = torch.randperm(len(tr), generator=gen)
         total = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
@@ -306,7 +339,7 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
                 off_bone = cam_off_bone(net, early, fmap, logits, yb, mb.to(device))
                 ramp = min(1.0, (epoch + step / steps_per_epoch) / max(1e-9, cfg.cam_guidance_warmup * cfg.epochs))
                 loss = loss + cfg.cam_guidance * ramp * off_bone[guided].mean()
-            if net.implant is not None:
+            if train_implant:
                 loss = loss + F.binary_cross_entropy_with_logits(implant_logit, metal.float())
             opt.zero_grad()
             loss.backward()
@@ -338,10 +371,14 @@ def train(manifests: list[Path], out: Path, cfg: TrainConfig, resume: bool = Fal
     ckpt = {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "arch": net.arch, "name": cfg.name,
             "version": cfg.version, "temperature": temperature, "t_score_mean": t_mean, "t_score_std": t_std,
             "t_outputs": list(REGION_OUTPUTS), "tta": cfg.tta, "ood": ood,
+            "site_type_shares": (np.bincount(tr.site_types, minlength=len(SITE_TYPES)) / len(tr)).tolist(),
             "metrics": metrics, "history": history, "train_config": asdict(cfg),
             "trained_on": {"manifests": [str(m) for m in manifests],
                            "holdout": {k: [str(h) for h in v] for k, v in (holdout or {}).items()},
                            "n_train": len(tr), "n_val": len(va), "n_masked": int(tr.has_mask.sum()),
+                           "init": None if start is None else {"checkpoint": str(cfg.init), "name": start.get("name"),
+                                                               "version": start.get("version"), "freeze": cfg.freeze},
+                           "site_type_counts": np.bincount(tr.site_types, minlength=len(SITE_TYPES)).tolist(),
                            "extraction_problems": len(problems)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     model_path = out / "model.pt"
