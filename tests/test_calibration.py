@@ -268,3 +268,27 @@ def test_from_node_takes_the_scanners_spooled_images(sets, tmp_path, capsys):
     cal = Calibration.load(out)
     assert cal.scanner == SYNTH_D and cal.n["unlabelled_studies"] == len(rows) and cal.n["labelled_studies"] == 0
     assert main(["calibrate", "--from-node", "--storage", str(storage), "--out", str(out)]) == 2  # no --scanner
+
+
+def test_batchnorm_adaptation_mixes_source_and_target_and_travels_in_the_record():
+    import copy
+
+    import torch
+
+    from osteoscreen.training.adapt import adapt_batchnorm
+    base = LoadedModel(DEFAULT_MODEL, "cpu")
+    x = torch.randn(24, 1, 128, 128, generator=torch.Generator().manual_seed(0)) * 0.4
+    types = np.zeros(24, dtype=int)
+    source = base.net.stem[1].running_mean.clone()
+    with torch.no_grad():
+        target = base.net.stem[0](x).double().mean(dim=(0, 2, 3)).float()
+    pure = copy.deepcopy(base.net)
+    adapt_batchnorm(pure, x, types, pseudo_count=0.0)
+    assert torch.allclose(pure.stem[1].running_mean, target, atol=1e-4)  # the first layer: the target's moments
+    held = copy.deepcopy(base.net)
+    buffers = adapt_batchnorm(held, x, types, pseudo_count=24.0)  # as many pseudo-crops as crops: halfway
+    assert torch.allclose(held.stem[1].running_mean, (source + target) / 2, atol=1e-4)
+    cal = Calibration(created="", model=base.identity(), batchnorm={"pseudo_count": 24.0, "buffers": buffers})
+    view = base.with_calibration(cal)
+    assert torch.equal(view.net.stem[1].running_mean, held.stem[1].running_mean)
+    assert torch.equal(base.net.stem[1].running_mean, source)  # the model itself is untouched

@@ -56,11 +56,10 @@ def adapt_batchnorm(net: OsteoNet, crops: torch.Tensor, site_types: np.ndarray, 
     n = float(len(crops))
     mix = n / (n + pseudo_count)
     for name, layer in batchnorm_layers(net):
-        sums = {"w": 0.0, "m1": 0.0, "m2": 0.0}
+        sums = {"w": 0.0, "m1": 0.0, "m2": 0.0, "batch": None}  # batch: the weights of the crops in flight
 
         def capture(module, inputs, _output, sums=sums):
-            x = inputs[0].double()  # N×C×H×W
-            w = capture.w[:, None]
+            x, w = inputs[0].double(), sums["batch"][:, None]  # x: N×C×H×W
             sums["m1"] = sums["m1"] + (w * x.mean(dim=(2, 3))).sum(0)
             sums["m2"] = sums["m2"] + (w * (x ** 2).mean(dim=(2, 3))).sum(0)
             sums["w"] += float(w.sum())
@@ -68,7 +67,7 @@ def adapt_batchnorm(net: OsteoNet, crops: torch.Tensor, site_types: np.ndarray, 
         hook = layer.register_forward_hook(capture)
         try:
             for i in range(0, len(crops), batch):
-                capture.w = weights[i:i + batch]
+                sums["batch"] = weights[i:i + batch]
                 net.features(crops[i:i + batch])
         finally:
             hook.remove()

@@ -170,7 +170,7 @@ def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = 
                      region_true={r: samples.region_t_scores[lab, k].astype(np.float64)
                                   for k, r in enumerate(REGION_OUTPUTS)})
         shares = model.checkpoint.get("class_shares")
-        cf = cross_fit(d, level, model.temperature, shares, seed)
+        cf = cross_fit(d, level, shares, seed)
         cal.t_correction = fit_corrections(d, np.arange(len(d.t_true)), shares)
         cal.temperature = fit_temperature_weighted(d.logits, d.labels, class_weights(d.labels, shares))
         cal.residuals = residuals_by_bin(d, cf.corrected)

@@ -130,10 +130,6 @@ def bins_of(site_types: np.ndarray) -> list[str]:
     return [SITE_TYPE_NAMES[int(st)] for st in site_types]
 
 
-def predictive_probabilities(cal: Calibration, t: np.ndarray, bins: list[str]) -> np.ndarray:
-    return cal.class_probabilities(t, bins)
-
-
 @dataclass
 class CrossFit:
     corrected: np.ndarray  # out-of-fold corrected site T per crop
@@ -143,7 +139,7 @@ class CrossFit:
     fused: dict | None  # out-of-fold fused lumbar estimates: index pairs, T, intervals, probabilities
 
 
-def cross_fit(d: Labelled, level: float, base_temperature: float, shares=None, seed: int = 0) -> CrossFit:
+def cross_fit(d: Labelled, level: float, shares=None, seed: int = 0) -> CrossFit:
     """Everything the report shows, out of fold: the correction, temperature and intervals of each
     fold are fitted on the other folds."""
     n = len(d.t_true)
@@ -157,8 +153,8 @@ def cross_fit(d: Labelled, level: float, base_temperature: float, shares=None, s
         for r, pred in d.region_pred.items():
             region_corrected[r][test] = cal.correct(pred[test], d.site_types[test], r)
         temp = fit_temperature_weighted(d.logits[train], d.labels[train], class_weights(d.labels[train], shares))
-        z = d.logits[test] / temp
-        probs["temperature"][test] = np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+        z = np.exp(d.logits[test] / temp - (d.logits[test] / temp).max(1, keepdims=True))
+        probs["temperature"][test] = z / z.sum(1, keepdims=True)
     # second pass: intervals and predictive probabilities of fold k from the other folds' residuals
     intervals = np.full((n, 2), np.nan)
     for k in np.unique(fold):
@@ -166,7 +162,7 @@ def cross_fit(d: Labelled, level: float, base_temperature: float, shares=None, s
         sub = _subset(d, train)
         cal = Calibration(created="", model={"weights_sha256": ""}, residuals=residuals_by_bin(sub, corrected[train]))
         intervals[test] = cal.intervals(corrected[test], bins_of(d.site_types[test]), level)
-        probs["predictive"][test] = predictive_probabilities(cal, corrected[test], bins_of(d.site_types[test]))
+        probs["predictive"][test] = cal.class_probabilities(corrected[test], bins_of(d.site_types[test]))
     fused = _cross_fit_fused(d, fold, corrected, probs, level)
     return CrossFit(corrected, region_corrected, probs, intervals, fused)
 
@@ -185,7 +181,7 @@ def _cross_fit_fused(d: Labelled, fold, corrected, probs, level) -> dict | None:
                           residuals=residuals_by_bin(_subset(d, train), corrected[train]))
         m = fold[a] == k
         intervals[m] = cal.intervals(t[m], ["lumbar_fused"] * int(m.sum()), level)
-        predictive[m] = predictive_probabilities(cal, t[m], ["lumbar_fused"] * int(m.sum()))
+        predictive[m] = cal.class_probabilities(t[m], ["lumbar_fused"] * int(m.sum()))
     lp = np.log(np.clip(probs["temperature"][a], 1e-6, 1)) + np.log(np.clip(probs["temperature"][b], 1e-6, 1))
     temperature = np.exp(lp / 2 - (lp / 2).max(1, keepdims=True))
     return {"ap": a, "lat": b, "t": t, "intervals": intervals,
