@@ -92,6 +92,31 @@ def _guidance(cfg: dict, trained: dict) -> str:
             "measured on phantoms it never saw, not that it found bone unprompted.")
 
 
+def _init(trained: dict) -> str:
+    init = trained.get("init")
+    if not init:
+        return ""
+    return (f"\n- Fine-tuned from {init.get('name')} {init.get('version')} (`{init['checkpoint']}`), "
+            f"layers frozen: {init['freeze']}.")
+
+
+def _calibration(ckpt: dict) -> str:
+    """The model's own calibration: what its validation split gave the intervals, out of fold."""
+    cal = ckpt.get("calibration")
+    after = ((cal or {}).get("report", {}).get("labelled", {}).get("after_cross_validated", {}).get("all"))
+    if not after:
+        return ("\n## Prediction intervals\nNone: the validation split had too few studies for the model's own "
+                "calibration (at least 20); fit one with `osteoscreen calibrate --embed`.\n")
+    iv = after.get("interval") or {}
+    coverage = f"{100 * iv['coverage']:.1f} %" if iv else "n/a"
+    return (f"\n## Prediction intervals (the model's own calibration, {cal['id']})\n"
+            f"Fitted on {cal['n'].get('labelled_studies', 0)} labelled studies of its training scanners (`train`: the validation split), cross-fitted by "
+            f"study: per-site-type T-score corrections, {cal.get('probabilities')} class probabilities and "
+            f"split-conformal intervals. Out of fold: T-score MAE {after['mae']:.3f}, bias {after['bias']:+.3f}, "
+            f"90 % interval coverage {coverage}. On another scanner these intervals are not to be trusted: "
+            "calibrate on its own images (`osteoscreen calibrate`).\n")
+
+
 def write_model_card(path: Path, ckpt: dict) -> None:
     trained = ckpt["trained_on"]
     cfg = ckpt["train_config"]
@@ -128,12 +153,12 @@ features to the training crops of the same site type{' (thresholds ' + ', '.join
 - Epochs {cfg['epochs']}, batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, one-cycle schedule; augmentation:
   vendor processing (monotone LUT incl. S-curves, dynamic-range compression, edge enhancement, blur,
   grid-line residue), gamma (exposure), 2σ windowing jitter, small rotation/scale/shift, noise; covariates set to
-  "missing" at random ({cfg.get('covariate_dropout', 0)} each) so that absent header values are handled.{_guidance(cfg, trained)}
+  "missing" at random ({cfg.get('covariate_dropout', 0)} each) so that absent header values are handled.{_guidance(cfg, trained)}{_init(trained)}
 
 ## Results on synthetic phantoms
 {sections}
 Plots (ROC, calibration, Bland-Altman) are in `plots/` beside the training output.
-
+{_calibration(ckpt)}
 ## Limitations
 - Synthetic phantoms only: real anatomy, pathology, positioning, implants and scanners differ.
 - The published models this design follows lost up to 0.17 AUC on another hospital's images;
