@@ -68,7 +68,8 @@ def score_crops(model, s) -> dict:
     return out
 
 
-def run(build: Path, sizes: list[int], quick: bool) -> dict:
+def run(build: Path, sizes: list[int], quick: bool, save=None) -> dict:
+    """save(results), if given, is called after each n: a long run keeps what it has measured."""
     import torch
     from osteoscreen.config import DEFAULT_MODEL
     from osteoscreen.model.inference import LoadedModel
@@ -107,6 +108,8 @@ def run(build: Path, sizes: list[int], quick: bool) -> dict:
                 results["methods"][method][n] = {**score_crops(LoadedModel(path, "cpu"), evaluation),
                                                  "seconds": time.time() - t0}
         print(f"n = {n}: " + "; ".join(f"{m} {results['methods'][m][n]}" for m in results["methods"]), flush=True)
+        if save is not None:
+            save(results)
     return results
 
 
@@ -153,10 +156,13 @@ def main(argv=None) -> int:
     if not (build / "pool" / "hip" / "manifest.csv").is_file():
         print(f"{build}: run scripts/calibration_study.sh first (it makes the synthD pool)", file=sys.stderr)
         return 2
-    results = run(build, [int(n) for n in args.sizes.split(",")], args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+
+    def save(results):
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        plot(results, out.with_suffix(".png"))
+
+    run(build, [int(n) for n in args.sizes.split(",")], args.quick, save)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 
