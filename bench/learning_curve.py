@@ -113,6 +113,26 @@ def run(build: Path, sizes: list[int], quick: bool, save=None) -> dict:
     return results
 
 
+def table(results: dict) -> str:
+    """The figures as a Markdown table (what docs/CALIBRATION.md quotes)."""
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+    b = results["before"]
+    lines = ["| labelled studies | method | refused | T-score MAE | bias | osteoporosis AUC | 90 % coverage | minutes |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| 0 | shipped model, no site calibration | {f(b.get('refused'), '.1%')} | {f(b.get('mae'), '.3f')} | "
+             f"{f(b.get('bias'), '+.3f')} | {f(b.get('auc'), '.3f')} | {f(b.get('coverage'), '.1%')} | |"]
+    sizes = sorted({int(n) for by_n in results["methods"].values() for n in by_n})
+    for n in sizes:
+        for method, by_n in results["methods"].items():
+            r = {int(k): v for k, v in by_n.items()}.get(n)
+            if r:
+                lines.append(f"| {n} | {method} | {f(r.get('refused'), '.1%')} | {f(r.get('mae'), '.3f')} | "
+                             f"{f(r.get('bias'), '+.3f')} | {f(r.get('auc'), '.3f')} | {f(r.get('coverage'), '.1%')} | "
+                             f"{r['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -150,7 +170,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.from_json:
-        plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+        results = json.loads(out.with_suffix(".json").read_text())
+        plot(results, out.with_suffix(".png"))
+        print(table(results))
         return 0
     build = Path(args.build)
     if not (build / "pool" / "hip" / "manifest.csv").is_file():
