@@ -135,6 +135,7 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
@@ -151,6 +152,7 @@ def plot(results: dict, path: Path) -> None:
         if key == "coverage":
             ax.axhspan(0.87, 0.93, color="green", alpha=0.1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(results["sizes"], [str(n) for n in results["sizes"]])
         ax.set_xlabel("DXA-labelled synthD studies")
         ax.set_title(label, fontsize=10)
