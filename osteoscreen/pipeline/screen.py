@@ -1,5 +1,5 @@
-"""Screen the images of one study: decode → locate sites → gate → model (one batch) → Grad-CAM →
-out-of-distribution gate → fuse the views of a site. `screen_studies` does several studies with one
+"""Screen the images of one study: decode → locate sites → gate → model (one batch per calibration)
+→ Grad-CAM → out-of-distribution gate → fuse the views of a site → prediction intervals. `screen_studies` does several studies with one
 model call for all their sites (a worker's batch of jobs), each study's findings as if alone.
 
 Pure: no network, no database. Takes pydicom datasets with their routing decision (region, view),
@@ -234,7 +234,8 @@ def _finish(result: ImageResult) -> None:
             :result.display.shape[0], :result.display.shape[1]]
 
 
-def _prepare(images: list[StudyImage], model, heatmaps: bool) -> tuple[list[ImageResult], list[_Pending]]:
+def _prepare(images: list[StudyImage], model: LoadedModel | ScannerModels, heatmaps: bool
+             ) -> tuple[list[ImageResult], list[_Pending]]:
     """Decode, locate and gate a study's images: one ImageResult per image, and the sites that wait
     for the model."""
     results: list[ImageResult] = []
