@@ -187,7 +187,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .training.evaluate import compare_csv, evaluate_csv, format_comparison, format_report
+    from .training.evaluate import compare_csv, evaluate_csv
+    from .training.evaluate_text import format_comparison, format_report
     for f in (args.predictions, args.compare):
         if f is not None and not Path(f).is_file():
             raise UsageError(f"no such file: {f}")

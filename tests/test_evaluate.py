@@ -106,7 +106,7 @@ def test_second_confusion_matrix_with_an_empty_predicted_class(capsys):
     assert op["npv"] == pytest.approx(21 / 26)
     text = json.dumps(r)  # JSON null, not NaN
     assert '"ppv": null' in text and "NaN" not in text
-    from osteoscreen.training.evaluate import format_report
+    from osteoscreen.training.evaluate_text import format_report
     assert "osteoporosis" in format_report(r)
 
 
