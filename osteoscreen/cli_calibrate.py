@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import UsageError, _database, _day
+from .cli import _database, _day
+from .usage import UsageError
 from .config import load
 
 
