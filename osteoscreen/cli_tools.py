@@ -129,7 +129,7 @@ def cmd_evaluate(args) -> int:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic phantom radiographs with known T-scores")
-    p.add_argument("--kind", required=True, choices=["hip", "lumbar", "chest"])
+    p.add_argument("--kind", required=True, choices=["hip", "lumbar", "chest", "leg"])
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

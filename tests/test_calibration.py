@@ -157,16 +157,18 @@ def test_unlabelled_calibration_cuts_refusals_but_not_of_other_anatomy(sets, fit
         refused[name] = sum(not f.assessable for ds in images
                             for f in screen_study([StudyImage(ds, "hip", "ap")], model, heatmaps=False)[0].sites)
     assert refused["before"] >= 6 and refused["after"] <= refused["before"] // 3
-    # a chest radiograph whose header says pelvis, from the calibrated scanner: still refused
-    chest = make_study("chest", np.random.default_rng(4402), profile="synthD")[0].dataset
+    # a chest and a tibia radiograph whose headers say pelvis, from the calibrated scanner: still refused
     pelvis = images[0]
-    disguised = deepcopy(chest)
-    for keyword in ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ViewPosition"):
-        setattr(disguised, keyword, pelvis[keyword].value)
+    disguised = []
+    for kind, seed in (("chest", 4402), ("leg", 4404)):
+        ds = deepcopy(make_study(kind, np.random.default_rng(seed), profile="synthD")[0].dataset)
+        for keyword in ("BodyPartExamined", "StudyDescription", "SeriesDescription", "ViewPosition"):
+            setattr(ds, keyword, pelvis[keyword].value)
+        disguised.append(ds)
     lumbar_as_hip = make_study("lumbar", np.random.default_rng(4403), profile="synthD")[1].dataset  # the lateral view
     for cal_ in (fitted["unlabelled"], fitted["mixed"]):
         models = ScannerModels(base, {SYNTH_D: cal_})
-        for ds in (disguised, lumbar_as_hip):
+        for ds in (*disguised, lumbar_as_hip):
             result = screen_study([StudyImage(ds, "hip", "ap")], models, heatmaps=False)[0]
             assert not result.assessable, (cal_.id, [(f.site, f.reason) for f in result.sites])
 

@@ -97,6 +97,7 @@ def test_read_only_users_see_but_cannot_acknowledge_or_resend(tmp_path, seeded):
     # the site table shows each estimate's interval and the calibration behind it
     assert b"-3.5 to -2.3 (90 %)" in page
     assert b"cal-seeded000001" in page and b"model&#39;s own" in page
+    assert b"[-3.5, -2.3]" in c.get("/screenings").data  # the lists show the interval beside the estimate
     assert b"Re-send" not in c.get("/deliveries").data
     token = csrf(c)
     assert c.post(f"/studies/{uid(4)}/ack", data={"csrf_token": token}).status_code == 403

@@ -40,7 +40,7 @@ def bone_bright(ds) -> np.ndarray:
 def written(tmp_path_factory):
     """One study of every kind, each in its own folder with its manifest."""
     root = tmp_path_factory.mktemp("synth")
-    return {kind: synthesize(kind, 2, root / kind, seed=7, progress=False) for kind in ("hip", "lumbar", "chest")}
+    return {kind: synthesize(kind, 2, root / kind, seed=7, progress=False) for kind in ("hip", "lumbar", "chest", "leg")}
 
 
 def read_manifest(path):
@@ -68,7 +68,7 @@ def test_manifest_columns_and_truth(written):
             assert int(row["age"]) == int(str(ds.PatientAge)[:3]) and row["sex"] == ds.PatientSex
             assert row["kind"] == kind and ds.Modality == "DX"
             sites = [s for s in ("left_hip", "right_hip", "lumbar_spine") if row[f"{s}_t_score"]]
-            assert sites == {"hip": ["left_hip", "right_hip"], "lumbar": ["lumbar_spine"], "chest": []}[kind]
+            assert sites == {"hip": ["left_hip", "right_hip"], "lumbar": ["lumbar_spine"], "chest": [], "leg": []}[kind]
             for site in sites:
                 t = float(row[f"{site}_t_score"])
                 assert -4.5 <= t <= 2.0 and row[f"{site}_class"] == who_category(t)

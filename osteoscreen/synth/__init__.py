@@ -33,9 +33,10 @@ from .profiles import HELD_OUT_PROFILE, PROFILES, TRAINING_PROFILES, ScannerProf
 __all__ = ["SynthImage", "SiteTruth", "make_study", "synthesize", "MANIFEST_COLUMNS", "KINDS", "ScannerProfile",
            "PROFILES", "TRAINING_PROFILES", "HELD_OUT_PROFILE", "LUMBAR_FINDINGS", "HIP_IMPLANT_KINDS"]
 
-KINDS = {"hip": ("ap",), "lumbar": ("ap", "lat"), "chest": ("pa", "ap")}  # kind → supported views
-DEFAULT_VIEWS = {"hip": ("ap",), "lumbar": ("ap", "lat"), "chest": ("pa",)}
-KIND_SITES = {"hip": ("left_hip", "right_hip"), "lumbar": ("lumbar_spine",), "chest": ()}
+KINDS = {"hip": ("ap",), "lumbar": ("ap", "lat"), "chest": ("pa", "ap"), "leg": ("ap",)}  # kind → supported views
+DEFAULT_VIEWS = {"hip": ("ap",), "lumbar": ("ap", "lat"), "chest": ("pa",), "leg": ("ap",)}
+KIND_LETTERS = {"hip": "H", "lumbar": "L", "chest": "C", "leg": "T"}  # in patient IDs and accessions
+KIND_SITES = {"hip": ("left_hip", "right_hip"), "lumbar": ("lumbar_spine",), "chest": (), "leg": ()}
 MANIFEST_COLUMNS = [
     "path", "kind", "view", "study_instance_uid", "sop_instance_uid", "true_class", "true_t_score",
     "left_hip_t_score", "right_hip_t_score", "lumbar_spine_t_score",
@@ -111,12 +112,12 @@ def _study_info(kind: str, patient: Patient, rng: np.random.Generator, patient_i
     study_date = date(2023, 1, 2) + timedelta(days=int(rng.integers(0, 3 * 365)))
     birth = date(study_date.year - patient.age, study_date.month, 1) - timedelta(days=int(rng.integers(1, 365)))
     age = study_date.year - birth.year - ((study_date.month, study_date.day) < (birth.month, birth.day))
-    info = PatientInfo(name=f"PHANTOM^{kind.upper()}{patient_index:04d}", patient_id=f"SYN{kind[0].upper()}{patient_index:06d}",
+    info = PatientInfo(name=f"PHANTOM^{kind.upper()}{patient_index:04d}", patient_id=f"SYN{KIND_LETTERS[kind]}{patient_index:06d}",
                        birth_date=birth, sex=patient.sex, age_years=age, size_m=patient.height_m,
                        weight_kg=patient.weight_kg)
     time = f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
     return StudyInfo(study_uid=generate_uid(entropy_srcs=[uid_seed, "study"]), study_date=study_date,
-                     study_time=time, accession=f"SY{kind[0].upper()}{int(uid_seed.partition(':')[2]) % 10 ** 9:09d}", patient=info)
+                     study_time=time, accession=f"SY{KIND_LETTERS[kind]}{int(uid_seed.partition(':')[2]) % 10 ** 9:09d}", patient=info)
 
 
 def _extras(kind: str, rng: np.random.Generator, implants, implant_rate: float, lumbar_findings) -> StudyExtras:

@@ -26,6 +26,7 @@ REGIONS = {
     "hip": ("PELVIS", codes.SCT.Pelvis, "XR PELVIS AP", "XR PELVIS"),
     "lumbar": ("LSPINE", codes.SCT.LumbarSpine, "XR LUMBAR SPINE 2 VIEWS", "XR LUMBAR SPINE"),
     "chest": ("CHEST", codes.SCT.Chest, "XR CHEST PA", "XR CHEST"),
+    "leg": ("LEG", codes.SCT.LowerLeg, "XR TIBIA FIBULA AP", "XR TIBIA FIBULA"),
 }
 # view → (ViewPosition, view code, series description word, PatientOrientation)
 VIEWS = {

@@ -941,9 +941,44 @@ def _chest_scene(cv: Canvas, p: Patient, rng, masks: bool, extras: StudyExtras |
     return {}
 
 
+# ----------------------------------------------------------------------------------------------
+# Lower leg (AP tibia and fibula with the knee), only to test that non-screening bone is refused
+# ----------------------------------------------------------------------------------------------
+def _leg_scene(cv: Canvas, p: Patient, rng, masks: bool, extras: StudyExtras | None = None) -> dict:
+    sz, bmi = p.size, p.bmi
+    joint = -120.0 * sz  # the knee joint sits high in the field, the tibial shaft fills the rest
+    thigh, calf = (135 + 4.0 * (bmi - 25)) * sz, (105 + 3.0 * (bmi - 25)) * sz
+    width = calf + (thigh - calf) * _sigmoid((joint - 30 * sz - cv.Y) / 25.0) \
+        - 25 * sz * _sigmoid((cv.Y - joint - 150 * sz) / 30.0)  # thigh, calf, then the ankle's taper
+    cv.soft += _body_chord(cv.X, 0.0, width, width * 0.95)
+    bone = Bone(p.latent_t)
+    k = bone.cortex
+    femur = Solid(cv)
+    femur.tube((3 * sz, joint - 260 * sz), (2 * sz, joint - 70 * sz), 13 * sz, 16 * sz, 4.0 * k, 2.5 * k)
+    femur.tube((2 * sz, joint - 70 * sz), (0.0, joint - 25 * sz), 16 * sz, 34 * sz, 2.5 * k, 1.2 * k)
+    for side in (-1, 1):  # condyles
+        femur.ellipsoid((side * 21 * sz, joint - 18 * sz), 20 * sz, 17 * sz, 55 * sz, 0.0, 1.2 * k)
+    femur.commit(bone)
+    patella = Solid(cv)
+    patella.ellipsoid((2 * sz, joint - 38 * sz), 21 * sz, 24 * sz, 22 * sz, 0.1, 1.5 * k)
+    patella.commit(bone)
+    tibia = Solid(cv)
+    tibia.ellipsoid((0.0, joint + 14 * sz), 39 * sz, 12 * sz, 50 * sz, 0.0, 1.0 * k)  # plateau
+    tibia.tube((0.0, joint + 18 * sz), (-2 * sz, joint + 85 * sz), 35 * sz, 15 * sz, 1.2 * k, 3.5 * k)
+    tibia.tube((-2 * sz, joint + 85 * sz), (-4 * sz, joint + 400 * sz), 15 * sz, 12 * sz, 3.5 * k, 3.0 * k)
+    tibia.commit(bone)
+    fibula = Solid(cv)
+    fibula.ellipsoid((33 * sz, joint + 38 * sz), 10 * sz, 11 * sz, 20 * sz, 0.3, 1.0 * k)
+    fibula.tube((33 * sz, joint + 45 * sz), (27 * sz, joint + 400 * sz), 7 * sz, 6 * sz, 2.0 * k)
+    fibula.commit(bone)
+    return {}
+
+
 SCENES = {("hip", "ap"): _pelvis_scene, ("lumbar", "ap"): _lumbar_ap_scene,
-          ("lumbar", "lat"): _lumbar_lat_scene, ("chest", "pa"): _chest_scene, ("chest", "ap"): _chest_scene}
-FIELDS = {"hip": ((280, 350), (380, 430)), "lumbar": ((330, 430), (220, 300)), "chest": ((350, 430), (350, 430))}
+          ("lumbar", "lat"): _lumbar_lat_scene, ("chest", "pa"): _chest_scene, ("chest", "ap"): _chest_scene,
+          ("leg", "ap"): _leg_scene}
+FIELDS = {"hip": ((280, 350), (380, 430)), "lumbar": ((330, 430), (220, 300)), "chest": ((350, 430), (350, 430)),
+          "leg": ((380, 430), (180, 240))}
 
 
 # ----------------------------------------------------------------------------------------------
