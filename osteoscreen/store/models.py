@@ -62,7 +62,12 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # set when retention removed the spool file (the row, and what was learnt from it, stay)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # the drift watch's inputs, read from the header on receipt: Manufacturer|ManufacturerModelName, and
+    # station, serial, pixel spacing, bits stored, photometric interpretation, exposure index, kVp
+    scanner: Mapped[str | None] = mapped_column(String(200))
+    acquisition: Mapped[dict | None] = mapped_column(JSON)
     study: Mapped[Study] = relationship(back_populates="instances")
+    __table_args__ = (Index("ix_instances_scanner_received", "scanner", "received_at"),)
 
 
 class Job(Base):
@@ -97,6 +102,8 @@ class Finding(Base):
     calibration_id: Mapped[str | None] = mapped_column(String(32))
     scanner: Mapped[str | None] = mapped_column(String(200))  # Manufacturer|ManufacturerModelName of the image
     reason: Mapped[str | None] = mapped_column(Text)
+    # out-of-distribution distance over the gate's threshold (above 1: refused as unlike the training crops)
+    ood_score: Mapped[float | None] = mapped_column(Float)
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -184,3 +191,18 @@ class ProcessHeartbeat(Base):
     version: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class DriftCheck(Base):
+    """One drift check of one scanner group (a key as in `calibrations:`): its status (ok | drift |
+    silent | insufficient data), the signals that moved, and each signal's test. The latest row per
+    group is its status; the rows before it are its history."""
+
+    __tablename__ = "drift_checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scanner: Mapped[str] = mapped_column(String(200))
+    checked_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(String(24))
+    signals: Mapped[list | None] = mapped_column(JSON)  # names of the signals that moved
+    details: Mapped[dict | None] = mapped_column(JSON)  # windows, per-signal statistic and p-value
+    __table_args__ = (Index("ix_drift_checks_scanner_at", "scanner", "checked_at"),)

@@ -26,9 +26,10 @@ from ..config import Settings
 from ..dispatch.resend import NotFound as DeliveryNotFound
 from ..dispatch.resend import resend
 from ..findings import REASON_TEXT, SITES
-from ..store import queue
 from ..store.db import Database
 from . import auth, charts
+from .context import audit as _audit
+from .context import close_session, db_session
 from .metrics import Metrics
 
 log = logging.getLogger("osteoscreen.web")
@@ -108,16 +109,9 @@ def create_app(settings: Settings, db: Database) -> Flask:
                                  positive_categories=positive)
     app.jinja_env.filters.update(t=_fmt_t, dt=_fmt_dt, pct=_fmt_pct, reason=_fmt_reason, interval=_fmt_interval)
 
-    def session():
-        if "db_session" not in g:
-            g.db_session = db.session()
-        return g.db_session
-
-    @app.teardown_appcontext
-    def close_session(_exc) -> None:
-        s = g.pop("db_session", None)
-        if s is not None:
-            s.close()
+    app.extensions["osteoscreen.db"] = db
+    session = db_session
+    app.teardown_appcontext(close_session)
 
     @app.errorhandler(BadRequest)
     def bad_request(exc):
@@ -329,13 +323,6 @@ def create_app(settings: Settings, db: Database) -> Flask:
                                 headers={"WWW-Authenticate": 'Bearer realm="osteoscreen metrics"'})
         body, content_type = metrics.render()
         return Response(body, content_type=content_type)
-
-    def _audit(event: str, detail: str | None, study_uid: str | None = None) -> None:
-        user = g.get("user")
-        with db.session() as s:
-            queue.audit(s, event, peer=f"web:{user.name}" if user else f"web:{request.remote_addr}",
-                        study_uid=study_uid, detail=detail)
-            s.commit()
 
     return app
 
