@@ -86,6 +86,8 @@ class SiteFinding:
     interval_level: float | None = None
     # The calibration that produced the estimate (model.calibration.Calibration.summary()), None if none.
     calibration: dict | None = None
+    # Out-of-distribution distance over the gate's threshold (> 1: refused); None where not scored.
+    ood_score: float | None = None
 
     def to_json(self) -> dict:
         out = {

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from .config import Settings
-from .model.calibration import scanner_key
+from .equipment import scanner_key
 from .model.inference import LoadedModel, ScannerModels
 from .pipeline.dicom_io import set_jpeg2000_threads
 from .pipeline.localize import warm_up as warm_up_localiser
@@ -232,7 +232,7 @@ class Worker:
                             t_score_low=f.t_score_interval[0] if f.t_score_interval else None,
                             t_score_high=f.t_score_interval[1] if f.t_score_interval else None,
                             interval_level=f.interval_level,
-                            calibration_id=(f.calibration or {}).get("id"),
+                            calibration_id=(f.calibration or {}).get("id"), ood_score=f.ood_score,
                             scanner=scanners.get(f.source_sop_instance_uid, "")[:200] or None,
                             model_name=info.name, model_version=info.version) for f in site_findings]
         deliveries = [Delivery(study_id=study.id, sop_instance_uid=uid, kind=kind, path=str(path),

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..equipment import ScannerKeyError, key_matches, scanner_key  # noqa: F401 - re-exported
+from ..equipment import parse_scanner_key as _parse_scanner_key
 
 FORMAT = "osteoscreen-calibration/1"
 SITE_TYPE_NAMES = ("hip", "lumbar_ap", "lumbar_lat")  # pipeline.crops.SITE_TYPES, the model's site types
@@ -40,47 +42,13 @@ class CalibrationError(ValueError):
     """A calibration file is unreadable, malformed or made for another model."""
 
 
-# --- scanner keys ------------------------------------------------------------------------------------
-
-SCANNER_FIELDS = (("manufacturer", "Manufacturer"), ("model", "ManufacturerModelName"),
-                  ("station", "StationName"), ("serial", "DeviceSerialNumber"))
-
-
-def _clean(value) -> str:
-    return re.sub(r"\s+", " ", str(value or "")).strip()
-
-
-def scanner_key(ds, with_station: bool = False, with_serial: bool = False) -> str:
-    """The scanner key of an image: ``Manufacturer|ManufacturerModelName``, with ``|station=…`` or
-    ``|serial=…`` when asked (a key names one scanner, or every scanner of that model)."""
-    key = f"{_clean(ds.get('Manufacturer'))}|{_clean(ds.get('ManufacturerModelName'))}"
-    if with_station:
-        key += f"|station={_clean(ds.get('StationName'))}"
-    if with_serial:
-        key += f"|serial={_clean(ds.get('DeviceSerialNumber'))}"
-    return key
-
+# --- scanner keys (osteoscreen.equipment; a malformed key is a CalibrationError here) ---------------
 
 def parse_scanner_key(key: str) -> dict[str, str]:
-    """``"Acme|FP-43|station=XR3"`` → {"manufacturer": "Acme", "model": "FP-43", "station": "XR3"}."""
-    parts = [p.strip() for p in str(key).split("|")]
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise CalibrationError(f"scanner key {key!r} is not 'Manufacturer|ModelName[|station=S][|serial=N]'")
-    out = {"manufacturer": _clean(parts[0]), "model": _clean(parts[1])}
-    for extra in parts[2:]:
-        name, sep, value = extra.partition("=")
-        if not sep or name not in ("station", "serial") or not value.strip():
-            raise CalibrationError(f"scanner key {key!r}: {extra!r} is not station=NAME or serial=NUMBER")
-        out[name] = _clean(value)
-    return out
-
-
-def key_matches(parsed: dict[str, str], ds) -> bool:
-    """Whether an image comes from the scanner(s) a parsed key names (case-insensitive)."""
-    for name, keyword in SCANNER_FIELDS:
-        if name in parsed and _clean(ds.get(keyword)).casefold() != parsed[name].casefold():
-            return False
-    return True
+    try:
+        return _parse_scanner_key(key)
+    except ScannerKeyError as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 # --- the record --------------------------------------------------------------------------------------

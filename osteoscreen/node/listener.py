@@ -32,6 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 
 from ..config import Settings
+from ..equipment import acquisition, scanner_key
 from ..pipeline.covariates import read_covariates
 from ..store import queue
 from ..store.db import Database
@@ -475,7 +476,8 @@ class Listener:
                 patient_id=_clip(ds.get("PatientID"), 64), patient_name=_clip(ds.get("PatientName"), 324),
                 accession_number=_clip(ds.get("AccessionNumber"), 16), study_date=_clip(ds.get("StudyDate"), 8),
                 age_years=cov.age_years, sex=cov.sex, bmi=cov.bmi, region=decision.region, view=decision.view,
-                eligible=decision.eligible, skip_reason=decision.reason)
+                eligible=decision.eligible, skip_reason=decision.reason,
+                scanner=_clip(scanner_key(ds), 200), acquisition=acquisition(ds))
         except Exception as exc:  # a garbled value met while reading the header
             return self._reject(calling, None, f"undecodable header value: {type(exc).__name__}")
         try:

@@ -156,6 +156,8 @@ def _score_with(pending: list[_Pending], model: LoadedModel, heatmaps: bool, fea
              else np.zeros(len(pending), dtype=bool))
     scored = {}
     for i, p in enumerate(pending):
+        if pred.ood_distance is not None and pred.ood_threshold is not None and pred.ood_threshold[i] > 0:
+            p.finding.ood_score = float(pred.ood_distance[i] / pred.ood_threshold[i])  # the drift watch's input
         if metal[i]:
             _refuse(p.finding, REASON_IMPLANT)
             continue

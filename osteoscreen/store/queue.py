@@ -37,6 +37,8 @@ class InstanceMeta:
     view: str | None
     eligible: bool
     skip_reason: str | None
+    scanner: str | None = None  # Manufacturer|ManufacturerModelName (equipment.scanner_key)
+    acquisition: dict | None = None  # equipment.acquisition: what the drift watch compares
 
 
 def record_instance(session: Session, meta: InstanceMeta, path: str, calling_ae: str | None) -> tuple[Instance, bool]:
@@ -63,7 +65,8 @@ def record_instance(session: Session, meta: InstanceMeta, path: str, calling_ae:
     inst = Instance(study_id=study.id, sop_instance_uid=meta.sop_instance_uid, series_uid=meta.series_uid,
                     sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
                     modality=meta.modality, path=path, region=meta.region, view=meta.view,
-                    eligible=meta.eligible, skip_reason=meta.skip_reason, received_at=now)
+                    eligible=meta.eligible, skip_reason=meta.skip_reason, received_at=now,
+                    scanner=meta.scanner, acquisition=meta.acquisition)
     session.add(inst)
     # A new image re-opens the study: after it settles again it is re-reported (predecessor referenced).
     study.last_received_at = now

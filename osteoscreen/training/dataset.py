@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..config import Routing
 from ..findings import CLASSES, who_category
-from ..model.calibration import scanner_key
+from ..equipment import scanner_key
 from ..node.routing import classify
 from ..pipeline.covariates import read_covariates
 from ..pipeline.crops import square_crop, site_type
