@@ -30,6 +30,7 @@ from ..store.db import Database
 from . import auth, charts
 from .context import audit as _audit
 from .context import close_session, db_session
+from .heatmap_pages import register as register_heatmap_pages
 from .metrics import Metrics
 
 log = logging.getLogger("osteoscreen.web")
@@ -301,6 +302,8 @@ def create_app(settings: Settings, db: Database) -> Flask:
     @auth.login_required
     def health_page():
         return render_template("health.html", health=queries.health(session(), settings.storage))
+
+    register_heatmap_pages(app, settings)  # /studies/<key>/heatmaps/<uid>.png
 
     # -- machines ---------------------------------------------------------------------------------------
 
