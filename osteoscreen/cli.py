@@ -392,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="database administration: schema migrations, screenings, statistics, "
                        "follow-up worklist, CSV export")
     db_sub = p.add_subparsers(dest="db_command", required=True)  # more `db` commands register here
+    from .cli_monitor import add_db_parsers as add_monitor_parsers
+    add_monitor_parsers(db_sub)
     q = db_sub.add_parser("upgrade", help="migrate the database schema to the newest revision (a database made "
                           "before migrations existed is stamped first); serve/listen/work/dispatch do this on start")
     _db_flags(q)

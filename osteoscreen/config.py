@@ -112,6 +112,18 @@ class Web:
 
 
 @dataclass
+class Drift:
+    """The drift watch per scanner group (docs/MONITORING.md): a recent window of screened studies
+    against a reference window (the group's first studies under its current calibration)."""
+    window_studies: int = 30  # studies in each window (the recent one: the group's latest)
+    window_days: float = 0.0  # > 0: the recent window is the last this many days instead (at least min_studies)
+    min_studies: int = 20  # a window with fewer studies than this is "insufficient data"
+    alpha: float = 0.05  # family-wise false-alarm level of one check (Bonferroni over the signals tested)
+    silent_hours: float = 24.0  # a group that sent before and nothing for this long is "silent"; 0 = off
+    check_minutes: float = 15.0  # how often the scheduler checks every group
+
+
+@dataclass
 class Settings:
     ae_title: str = "OSTEOSCREEN"
     bind_address: str = "0.0.0.0"
@@ -163,6 +175,7 @@ class Settings:
     output: Output = field(default_factory=Output)
     retention: Retention = field(default_factory=Retention)
     web: Web = field(default_factory=Web)
+    drift: Drift = field(default_factory=Drift)
 
     @property
     def db_url(self) -> str:
@@ -278,6 +291,18 @@ def _validate(s: Settings) -> None:
     _validate_output(s.output)
     _validate_dispatch_retention(s)
     _validate_web(s.web)
+    _validate_drift(s.drift)
+
+
+def _validate_drift(d: Drift) -> None:
+    if d.window_studies < 5 or d.min_studies < 5 or d.min_studies > d.window_studies:
+        raise ConfigError(f"drift.window_studies ({d.window_studies}) and drift.min_studies ({d.min_studies}) "
+                          "must be at least 5, min_studies at most window_studies")
+    if d.window_days < 0 or d.silent_hours < 0 or d.check_minutes <= 0:
+        raise ConfigError("drift.window_days and drift.silent_hours must be >= 0 (0: off), "
+                          "drift.check_minutes > 0")
+    if not 0 < d.alpha < 0.5:
+        raise ConfigError(f"drift.alpha must lie between 0 and 0.5, got {d.alpha}")
 
 
 def _validate_calibrations(s: Settings) -> None:

@@ -1,5 +1,5 @@
 """Periodic jobs (APScheduler): settle quiet studies into jobs, dispatch due deliveries, reap leases,
-and retention (old spool and outbox files, optionally old rows).
+retention (old spool and outbox files, optionally old rows), and the drift watch's checks.
 
 Timers live in the database (last_received_at, next_attempt_at, lease_expires_at, the destination
 circuits' retry_at), not in memory, so a restart loses no pending work: the next tick simply finds
@@ -13,11 +13,14 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select
 
 from .config import Settings
 from .dispatch.outbox import Dispatcher
+from .monitor import watch
 from .store import queue
 from .store.db import Database
+from .store.models import DriftCheck, utcnow
 from .store.retention import purge
 
 log = logging.getLogger("osteoscreen.scheduler")
@@ -83,7 +86,31 @@ def build_scheduler(settings: Settings, db: Database, *, settle: bool = True, di
                 log.exception("retention failed")
         sched.add_job(retention_tick, "interval", minutes=r.interval_minutes, id="retention",
                       next_run_time=datetime.now(timezone.utc) + timedelta(seconds=60))
+    if settle if retention is None else retention:
+        minutes = settings.drift.check_minutes
+
+        def drift_tick() -> None:
+            try:
+                run_drift_check(settings, db, skip_within=timedelta(minutes=minutes / 2))
+            except Exception:  # logged; the next tick tries again
+                log.exception("drift check failed")
+        sched.add_job(drift_tick, "interval", minutes=minutes, id="drift",
+                      next_run_time=datetime.now(timezone.utc) + timedelta(seconds=30))
     return sched
+
+
+def run_drift_check(settings: Settings, db: Database, skip_within: timedelta | None = None) -> list:
+    """Check every scanner group (monitor.watch); with skip_within, not if another listener just did."""
+    with db.session() as session:
+        if skip_within is not None:
+            last = session.scalar(select(func.max(DriftCheck.checked_at)))
+            if last is not None and utcnow() - last < skip_within:
+                return []
+        checks = watch.check_all(session, settings.drift, list(settings.calibrations))
+    for c in checks:
+        if c.status in ("drift", "silent"):  # group keys and signal names only: no PHI
+            log.warning("scanner group %s: %s %s", c.scanner, c.status, ", ".join(c.signals or []))
+    return checks
 
 
 def wake(sched: BackgroundScheduler, job_id: str) -> None:
