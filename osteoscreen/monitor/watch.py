@@ -95,37 +95,59 @@ def _window(studies: list[tuple], images: dict, findings: dict) -> Window:
     return w
 
 
-def check_group(session: Session, group: GroupImages, cfg: Drift, now: datetime) -> DriftCheck:
-    """One group's check (not yet added to the session)."""
-    details: dict = {"window_studies": cfg.window_studies, "alpha": cfg.alpha}
-    last = group.instances[-1][3] if group.instances else None
-    details["last_received"] = last.isoformat(timespec="seconds") if last else None
+@dataclass
+class GroupStudies:
+    """A group's screened studies in arrival order, each with its images and its latest report."""
+
+    images: dict  # study id → acquisition of each of the group's images in it
+    findings: dict  # study id → the latest report's findings on the group's images
+    studies: list  # (study id, first received, the group's SOP UIDs in it, calibration id), oldest first
+    last_received: datetime | None
+
+    def epoch(self) -> list[tuple]:
+        """The studies since the group's current calibration came in (all of them if it never changed)."""
+        current = self.studies[-1][3] if self.studies else None
+        start = max((i + 1 for i, s in enumerate(self.studies) if s[3] != current), default=0)
+        return [(sid, first, sops) for sid, first, sops, _ in self.studies[start:]]
+
+
+def group_studies(session: Session, group: GroupImages) -> GroupStudies:
     by_study: dict[int, list] = {}
     for study_id, sop, acq, received in group.instances:
         by_study.setdefault(study_id, []).append((sop, acq, received))
-    findings = _latest_findings(session, list(by_study))
-    # screened studies of the group, in the order they arrived, with the calibration of their report
-    studies = []
+    latest = _latest_findings(session, list(by_study))
+    studies, findings = [], {}
     for study_id, items in by_study.items():
         mine = {sop for sop, _, _ in items}
-        fs = [f for f in findings.get(study_id, []) if f.sop_instance_uid in mine]
+        fs = [f for f in latest.get(study_id, []) if f.sop_instance_uid in mine]
         if fs:
-            calibration = next((f.calibration_id for f in fs if f.calibration_id), None)
-            studies.append((study_id, items[0][2], mine, calibration))
+            findings[study_id] = fs
+            studies.append((study_id, items[0][2], mine, next((f.calibration_id for f in fs if f.calibration_id), None)))
     studies.sort(key=lambda s: s[1])
-    current = studies[-1][3] if studies else None
-    start = max((i + 1 for i, s in enumerate(studies) if s[3] != current), default=0)
-    epoch = [(sid, first, sops) for sid, first, sops, _ in studies[start:]]
-    details["calibration"] = current
-    details["epoch_studies"] = len(epoch)
+    images = {sid: [acq for _, acq, _ in items] for sid, items in by_study.items()}
+    return GroupStudies(images, findings, studies, group.instances[-1][3] if group.instances else None)
+
+
+def _windows(gs: GroupStudies, cfg: Drift, now: datetime) -> tuple[list, list]:
+    epoch = gs.epoch()
     reference = epoch[:cfg.window_studies]
     if cfg.window_days > 0:
         since = now - timedelta(days=cfg.window_days)
         recent = [s for s in epoch[len(reference):] if s[1] >= since]
     else:
         recent = epoch[max(len(reference), len(epoch) - cfg.window_studies):]
-    images = {sid: [acq for _, acq, _ in by_study[sid]] for sid, _, _ in epoch}
-    ref_w, rec_w = _window(reference, images, findings), _window(recent, images, findings)
+    return reference, recent
+
+
+def check_group(session: Session, group: GroupImages, cfg: Drift, now: datetime) -> DriftCheck:
+    """One group's check (not yet added to the session)."""
+    gs = group_studies(session, group)
+    last = gs.last_received
+    details: dict = {"window_studies": cfg.window_studies, "alpha": cfg.alpha,
+                     "last_received": last.isoformat(timespec="seconds") if last else None,
+                     "calibration": gs.studies[-1][3] if gs.studies else None, "epoch_studies": len(gs.epoch())}
+    reference, recent = _windows(gs, cfg, now)
+    ref_w, rec_w = _window(reference, gs.images, gs.findings), _window(recent, gs.images, gs.findings)
     details["reference"] = {"studies": len(ref_w), "first": ref_w.first, "last": ref_w.last}
     details["recent"] = {"studies": len(rec_w), "first": rec_w.first, "last": rec_w.last}
     signals: list[str] = []
@@ -138,9 +160,24 @@ def check_group(session: Session, group: GroupImages, cfg: Drift, now: datetime)
         details["tests"] = [t.to_json() for t in tests]
         signals = moved(tests, cfg.alpha)
         status = "drift" if signals else "ok"
-    if status == "silent" and last is None:
-        status = "insufficient data"
     return DriftCheck(scanner=group.key, checked_at=now, status=status, signals=signals, details=details)
+
+
+def group_series(session: Session, group: GroupImages, cfg: Drift, limit: int = 300) -> dict:
+    """Per study of the group's newest `limit` (current calibration): arrival time, mean OOD score,
+    mean T-score, whether every site was assessable, and which window it is in (the dashboard's charts)."""
+    gs = group_studies(session, group)
+    reference, recent = _windows(gs, cfg, utcnow())
+    ref_ids, rec_ids = {s[0] for s in reference}, {s[0] for s in recent}
+    points = []
+    for sid, first, _sops in gs.epoch()[-limit:]:
+        fs = gs.findings[sid]
+        ood = [f.ood_score for f in fs if f.ood_score is not None]
+        t = [f.t_score for f in fs if f.assessable and f.t_score is not None]
+        points.append({"at": first, "ood_score": sum(ood) / len(ood) if ood else None,
+                       "t_score": sum(t) / len(t) if t else None, "assessable": all(f.assessable for f in fs),
+                       "window": "reference" if sid in ref_ids else "recent" if sid in rec_ids else None})
+    return {"points": points, "calibration": gs.studies[-1][3] if gs.studies else None}
 
 
 def check_all(session: Session, cfg: Drift, configured: list[str], now: datetime | None = None) -> list[DriftCheck]:

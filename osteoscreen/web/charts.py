@@ -62,3 +62,29 @@ def _period_axis(ax, periods: list[PeriodStats]) -> None:
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.grid(axis="y", alpha=0.3)
+
+
+WINDOW_COLOURS = {"reference": "#4c78a8", "recent": "#c0392b", None: "#9aa0a6"}
+
+
+def drift_chart(points: list[dict], title: str) -> str:
+    """One scanner group's studies in arrival order: the mean out-of-distribution score (above 1:
+    refused) and the mean T-score per study, the reference and recent windows in their colours."""
+    fig = Figure(figsize=(7.5, 3.6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = list(range(len(points)))
+    for ax, key, label in ((top, "ood_score", "OOD score"), (bottom, "t_score", "T-score")):
+        for window in ("reference", None, "recent"):
+            xs = [i for i, p in zip(x, points) if p["window"] == window and p[key] is not None]
+            ys = [points[i][key] for i in xs]
+            ax.scatter(xs, ys, s=9, color=WINDOW_COLOURS[window],
+                       label={"reference": "reference window", "recent": "recent window", None: "between"}[window])
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.grid(axis="y", alpha=0.3)
+    top.axhline(1.0, color="#555", lw=0.8, ls="--")  # the gate's threshold
+    bottom.set_xlabel("studies of the group, oldest first (current calibration)", fontsize=8)
+    top.legend(fontsize=7, ncols=3, loc="upper left", frameon=False, bbox_to_anchor=(0, 1.3))
+    return _svg(fig, title)

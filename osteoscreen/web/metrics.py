@@ -7,7 +7,8 @@ the same, global figures. Each collector lives on its own `CollectorRegistry` (n
 and `render(db, positive_categories)` keeps one `Metrics` (collector + registry) per database and
 setting (a weak-keyed cache), so calling it on every request costs only the queries.
 
-Metrics (all prefixed ``osteoscreen_``; labels are bounded sets, never a UID, a patient or free text):
+Metrics (all prefixed ``osteoscreen_``; labels are bounded sets, never a UID, a patient or free text;
+``scanner`` is a scanner group's key, Manufacturer|ModelName from the headers or a `calibrations:` key):
 
 ======================================================  =========  ===============================
 name                                                    type       labels
@@ -31,6 +32,10 @@ processes_alive                                         gauge      role
 circuit_open                                            gauge      destination (AET@HOST:PORT, config)
 database_up                                             gauge      —
 build_info                                              gauge      version
+drift_status                                            gauge      scanner (group key), status
+drift_signal_moved                                      gauge      scanner, signal
+drift_checked_timestamp_seconds                         gauge      scanner
+scanner_last_received_timestamp_seconds                 gauge      scanner
 ======================================================  =========  ===============================
 
 The study and delivery counts by status/state are gauges (named without ``_total``): rows move between
@@ -78,6 +83,8 @@ from sqlalchemy.orm import Session
 from .. import __version__
 from ..admin.queries import NOT_ASSESSABLE, RESULTS, STATUSES, _acknowledged, _latest_job, _severity, _worst_subquery
 from ..findings import CLASSES, REASON_TEXT, SITES
+from ..monitor.watch import STATUSES as DRIFT_STATUSES
+from ..monitor.watch import latest_checks
 from ..store.db import Database
 from ..store.heartbeat import alive
 from ..store.models import Delivery, DestinationCircuit, Finding, Instance, Job, Study
@@ -193,6 +200,7 @@ class DatabaseCollector(Collector):
             and_(Delivery.state == "delivered", Delivery.delivered_at.is_not(None))))
         out.extend(self._timestamps(s))
         out.extend(self._processes(s))
+        out.extend(self._drift(s))
         return out
 
     def _instances(self, s: Session) -> Metric:
@@ -342,6 +350,28 @@ class DatabaseCollector(Collector):
                                      .order_by(DestinationCircuit.destination)):
             circuits.add_metric([dest], 0 if state == "closed" else 1)
         return [procs, circuits]
+
+
+    def _drift(self, s: Session) -> list[Metric]:
+        """The drift watch's latest check per scanner group (a state set: one series per status)."""
+        status = GaugeMetricFamily(PREFIX + "drift_status", "1 for a scanner group's current drift-watch status "
+                                   "(ok, drift, silent, insufficient data), 0 for the others", labels=["scanner", "status"])
+        moved = GaugeMetricFamily(PREFIX + "drift_signal_moved", "1 for each signal the group's latest check found "
+                                  "moved, 0 for each it tested unmoved", labels=["scanner", "signal"])
+        checked = GaugeMetricFamily(PREFIX + "drift_checked_timestamp_seconds", "Unix time of the group's latest check",
+                                    labels=["scanner"])
+        last = GaugeMetricFamily(PREFIX + "scanner_last_received_timestamp_seconds",
+                                 "Unix time the group's newest screening image was received", labels=["scanner"])
+        for check in latest_checks(s):
+            for name in DRIFT_STATUSES:
+                status.add_metric([check.scanner, name], 1 if check.status == name else 0)
+            details = check.details or {}
+            for test in details.get("tests", []):
+                moved.add_metric([check.scanner, test["signal"]], 1 if test["signal"] in (check.signals or []) else 0)
+            checked.add_metric([check.scanner], _epoch(check.checked_at))
+            if details.get("last_received"):
+                last.add_metric([check.scanner], _epoch(datetime.fromisoformat(details["last_received"])))
+        return [status, moved, checked, last]
 
 
 class Metrics:
