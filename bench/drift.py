@@ -12,6 +12,8 @@ image, each site's finding) to the drift watch's own statistics (monitor.signals
 - **detection**: synthD's processing chain (and, subtler, synthB's) behind synthA's Manufacturer and
   Model header, arriving after synthA's stable studies: how many changed studies until `drift`, over
   50 random orders of the changed studies, checking after each one;
+- the same with the acquisition values of synthA studies put on the changed ones (the processing
+  alone: only the images' appearance, the outputs and the gate can show it);
 - for window sizes 20, 30 and 50 studies, at family-wise alpha 0.05.
 
     python -m bench.drift [--build build/drift] [--quick]
@@ -172,6 +174,11 @@ def detection(before: list[dict], changed: list[dict], w: int, orders: int, rng)
             "max_studies": max(found) if found else None, "signals_first_named": named}
 
 
+def masked(changed: list[dict], donors: list[dict], rng) -> list[dict]:
+    """The changed studies with the acquisition values of randomly drawn donor studies."""
+    return [dict(s, images=donors[int(rng.integers(len(donors)))]["images"]) for s in changed]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--build", type=Path, default=ROOT / "build" / "drift")
@@ -192,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         if len(a) >= 2 * w:
             entry["synthD_behind_synthA"] = detection(a, data["synthD_as_A"], w, orders, rng)
             entry["synthB_behind_synthA"] = detection(a, b_as_a, w, orders, rng)
+            # the processing alone: the changed studies carry synthA studies' acquisition values, so
+            # only appearance, outputs and the gate can tell
+            entry["synthD_processing_only"] = detection(a, masked(data["synthD_as_A"], a, rng), w, orders, rng)
+            entry["synthB_processing_only"] = detection(a, masked(b_as_a, a, rng), w, orders, rng)
         report["windows"][str(w)] = entry
         print(f"window {w}: stable stream {entry['stable_stream']['alarms']}/{entry['stable_stream']['checks']} "
               f"checks alarmed; sequential windows {entry['sequential_windows']['alarms']}/"
               f"{entry['sequential_windows']['windows']}; random windows "
               f"{entry['false_alarms']['alarms']}/{entry['false_alarms']['windows']}",
               *(f"; {k}: detected {v['detected']}/{v['orders']}, median {v['median_studies']}, max {v['max_studies']}"
-                for k, v in entry.items() if k.endswith("synthA")))
+                for k, v in entry.items() if k.endswith(("synthA", "only"))))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

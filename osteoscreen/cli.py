@@ -392,8 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="database administration: schema migrations, screenings, statistics, "
                        "follow-up worklist, CSV export")
     db_sub = p.add_subparsers(dest="db_command", required=True)  # more `db` commands register here
-    from .cli_monitor import add_db_parsers as add_monitor_parsers
-    add_monitor_parsers(db_sub)
     q = db_sub.add_parser("upgrade", help="migrate the database schema to the newest revision (a database made "
                           "before migrations existed is stamped first); serve/listen/work/dispatch do this on start")
     _db_flags(q)
@@ -441,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     _filter_flags(q)
     q.add_argument("--out", default="-", metavar="FILE.csv", help="file to write (default -: standard output)")
     q.set_defaults(func=cmd_db_export)
+
+    from .cli_monitor import add_db_parsers as add_monitor_parsers
+    add_monitor_parsers(db_sub)
+    from .cli_outcomes import add_db_parsers as add_outcome_parsers
+    add_outcome_parsers(db_sub)  # db outcomes, db performance
 
     p = sub.add_parser("resend", help="re-queue result deliveries: all dead ones, or those of a study or one delivery")
     _db_flags(p)

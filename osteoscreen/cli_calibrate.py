@@ -54,6 +54,7 @@ def _node_manifest(args) -> Path:
     """The node's own images of --scanner (received since --since) as a manifest file beside --out."""
     import csv
     from .admin.node_cases import scanner_rows
+    from .admin.outcomes import T_SCORE_COLUMNS
     from .model.calibration import CalibrationError
     if not args.scanner:
         raise UsageError("--from-node needs --scanner KEY (Manufacturer|ModelName[|station=S][|serial=N])")
@@ -67,16 +68,30 @@ def _node_manifest(args) -> Path:
     finally:
         db.dispose()
     print(f"node: {counts['matched']} of {counts['eligible']} eligible spooled images are from {args.scanner} "
-          f"({counts['other_scanner']} other scanners, {counts['unreadable']} unreadable)", file=sys.stderr)
+          f"({counts['other_scanner']} other scanners, {counts['unreadable']} unreadable); "
+          f"{counts['labelled_studies']} of their studies have a matched DXA outcome", file=sys.stderr)
+    rows = _node_labels(rows, counts["labelled_studies"], alone=not args.manifest)
     path = Path(args.out).with_suffix(".node-manifest.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "kind", "view", "study_instance_uid"])
+        writer = csv.DictWriter(fh, fieldnames=["path", "kind", "view", "study_instance_uid", *T_SCORE_COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
     if not rows:
         raise UsageError(f"not enough data: the node holds no eligible images from {args.scanner}")
     return path
+
+
+def _node_labels(rows: list[dict], labelled: int, alone: bool) -> list[dict]:
+    """The node's rows as calibration rows: too few labelled studies for a supervised recalibration, and no
+    --manifest to add more, and the DXA labels are left out (the rows still adapt, unlabelled)."""
+    from .admin.outcomes import T_SCORE_COLUMNS
+    from .training.calibrate import MIN_LABELLED_STUDIES
+    if alone and 0 < labelled < MIN_LABELLED_STUDIES:
+        print(f"node: {labelled} labelled studies are fewer than the {MIN_LABELLED_STUDIES} a supervised "
+              "recalibration needs: their DXA T-scores are left out (unlabelled adaptation only)", file=sys.stderr)
+        return [{k: v for k, v in r.items() if k not in T_SCORE_COLUMNS} for r in rows]
+    return rows
 
 
 def add_parser(sub) -> None:
@@ -93,7 +108,8 @@ def add_parser(sub) -> None:
                    "crops (measured in docs/CALIBRATION.md: no gain on synthD)")
     p.add_argument("--batchnorm-prior", type=float, default=16.0, help="the source statistics' weight in crops")
     p.add_argument("--from-node", action="store_true", help="add the node's own spooled images of --scanner "
-                   "(unlabelled) as rows; with --database-url/--storage/--config")
+                   "as rows (with the DXA T-scores of studies that have a matched outcome, `db outcomes import`); "
+                   "with --database-url/--storage/--config")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="with --from-node: images received on or after this day")
     p.add_argument("--database-url", help="with --from-node: the node's database (default: SQLite in --storage)")
     p.add_argument("--storage", help="with --from-node: the node's storage folder (default ./var)")

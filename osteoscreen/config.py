@@ -124,6 +124,13 @@ class Drift:
 
 
 @dataclass
+class Outcomes:
+    """DXA outcomes (`osteoscreen db outcomes import`): a DXA result is matched to the patient's screened
+    study dated at most match_days before it (or on the same day)."""
+    match_days: int = 365
+
+
+@dataclass
 class Settings:
     ae_title: str = "OSTEOSCREEN"
     bind_address: str = "0.0.0.0"
@@ -175,6 +182,7 @@ class Settings:
     output: Output = field(default_factory=Output)
     retention: Retention = field(default_factory=Retention)
     web: Web = field(default_factory=Web)
+    outcomes: Outcomes = field(default_factory=Outcomes)
     drift: Drift = field(default_factory=Drift)
 
     @property
@@ -291,6 +299,8 @@ def _validate(s: Settings) -> None:
     _validate_output(s.output)
     _validate_dispatch_retention(s)
     _validate_web(s.web)
+    if not 0 <= s.outcomes.match_days <= 3660:
+        raise ConfigError(f"outcomes.match_days must be between 0 and 3660 days, got {s.outcomes.match_days}")
     _validate_drift(s.drift)
 
 

@@ -188,3 +188,18 @@ def test_the_watch_needs_two_windows(tmp_path):
     out = subprocess.run([sys.executable, "-m", "osteoscreen.cli", "db", "drift", "--storage", str(tmp_path / "none")],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "no scanner group" in out.stdout
+
+
+def test_retention_keeps_each_groups_latest_check(tmp_path):
+    from osteoscreen.store.models import DriftCheck
+    from osteoscreen.store.retention import purge
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    now = watch.utcnow()
+    with db.session() as s:
+        for days, key in ((90, "A|1"), (60, "A|1"), (1, "A|1"), (90, "B|2")):
+            s.add(DriftCheck(scanner=key, checked_at=now - timedelta(days=days), status="ok", signals=[], details={}))
+        s.commit()
+        purge(s, spool_days=0, outbox_days=0, rows_days=30, now=now)
+        left = sorted((c.scanner, (now - c.checked_at).days) for c in s.query(DriftCheck))
+    db.dispose()
+    assert left == [("A|1", 1), ("B|2", 90)]  # B's only check is its status: kept however old

@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session
 
 from ..model.calibration import key_matches, parse_scanner_key
 from ..store.models import Instance, Study
+from .outcomes import labels_by_study
 
 
 def scanner_rows(session: Session, key: str, since: date | datetime | None = None) -> tuple[list[dict], dict]:
-    """Manifest rows (path, kind, view, study_instance_uid; no T-scores) of the spooled eligible
-    images whose scanner the key names, and counts of what was looked at."""
+    """Manifest rows (path, kind, view, study_instance_uid; the DXA T-score columns where the study has a
+    matched DXA outcome, admin.outcomes) of the spooled eligible images whose scanner the key names, and
+    counts of what was looked at."""
     parsed = parse_scanner_key(key)
     query = (select(Instance.path, Instance.region, Instance.view, Study.study_uid)
              .join(Study, Study.id == Instance.study_id)
@@ -40,4 +42,8 @@ def scanner_rows(session: Session, key: str, since: date | datetime | None = Non
             continue
         rows.append({"path": path, "kind": region or "", "view": view or "", "study_instance_uid": study_uid})
     counts["matched"] = len(rows)
+    labels = labels_by_study(session, [r["study_instance_uid"] for r in rows])
+    for r in rows:
+        r.update(labels.get(r["study_instance_uid"], {}))
+    counts["labelled_studies"] = len({r["study_instance_uid"] for r in rows} & set(labels))
     return rows, counts

@@ -206,3 +206,32 @@ class DriftCheck(Base):
     signals: Mapped[list | None] = mapped_column(JSON)  # names of the signals that moved
     details: Mapped[dict | None] = mapped_column(JSON)  # windows, per-signal statistic and p-value
     __table_args__ = (Index("ix_drift_checks_scanner_at", "scanner", "checked_at"),)
+
+
+class Outcome(Base):
+    """One DXA result imported by `osteoscreen db outcomes import` (the reference standard of the
+    screening): per-site T-scores, and the screened study it was matched to (by study_uid, so that
+    retention may remove the study; the outcome then no longer counts). Unique per patient, DXA date and
+    accession ("" when the file gave none). match_status: matched | unmatched | ambiguous, with the
+    reason and the number of candidate studies; re-matched on every import and `db outcomes match`."""
+
+    __tablename__ = "outcomes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    dxa_date: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD
+    accession: Mapped[str] = mapped_column(String(16), default="")
+    left_hip_t_score: Mapped[float | None] = mapped_column(Float)
+    right_hip_t_score: Mapped[float | None] = mapped_column(Float)
+    lumbar_spine_t_score: Mapped[float | None] = mapped_column(Float)
+    left_hip_neck_t_score: Mapped[float | None] = mapped_column(Float)
+    right_hip_neck_t_score: Mapped[float | None] = mapped_column(Float)
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)  # the matched study
+    match_status: Mapped[str] = mapped_column(String(16), default="unmatched")
+    match_reason: Mapped[str | None] = mapped_column(Text)
+    candidates: Mapped[int] = mapped_column(Integer, default=0)
+    source_line: Mapped[int | None] = mapped_column(Integer)  # line in the file last imported from
+    imported_by: Mapped[str | None] = mapped_column(String(64))
+    imported_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (Index("ux_outcomes_key", "patient_id", "dxa_date", "accession", unique=True),
+                      Index("ix_outcomes_status", "match_status"))

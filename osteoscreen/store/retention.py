@@ -23,11 +23,11 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from . import queue
-from .models import Acknowledgement, Delivery, Finding, Instance, Job, Study, utcnow
+from .models import Acknowledgement, Delivery, DriftCheck, Finding, Instance, Job, Study, utcnow
 
 log = logging.getLogger("osteoscreen.retention")
 
@@ -163,6 +163,14 @@ def purge_rows(session: Session, days: float, spool: _Files, outbox: _Files, now
             return
 
 
+def purge_drift_checks(session: Session, cutoff: datetime) -> int:
+    """The drift watch's history older than cutoff; each group's latest check (its status) stays."""
+    latest = select(func.max(DriftCheck.id)).group_by(DriftCheck.scanner)
+    n = session.execute(delete(DriftCheck).where(DriftCheck.checked_at < cutoff, DriftCheck.id.not_in(latest))).rowcount
+    session.commit()
+    return n
+
+
 def purge(session: Session, *, spool_days: float, outbox_days: float, rows_days: float = 0,
           spool_root: Path | None = None, outbox_root: Path | None = None,
           now: datetime | None = None) -> PurgeReport:
@@ -172,6 +180,7 @@ def purge(session: Session, *, spool_days: float, outbox_days: float, rows_days:
     spool, outbox = _Files(spool_root), _Files(outbox_root)
     if rows_days > 0:
         purge_rows(session, rows_days, spool, outbox, now, report)
+        purge_drift_checks(session, now - timedelta(days=rows_days))
     if spool_days > 0:
         purge_spool(session, spool_days, spool, now, report)
     if outbox_days > 0:

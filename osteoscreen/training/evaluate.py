@@ -131,6 +131,19 @@ def interval_coverage(true_t: np.ndarray, intervals: np.ndarray) -> dict | None:
             "mean_width": float(np.mean(intervals[ok, 1] - intervals[ok, 0])), "rows_without_interval": int((~ok).sum())}
 
 
+def binary_metrics(true_positive, predicted_positive) -> dict:
+    """One positive-vs-negative split (a class one vs rest, or a set of positive categories against the
+    rest, as `db performance` uses): counts, sensitivity, specificity, PPV, NPV with Wilson 95 % CIs."""
+    t, p = np.asarray(true_positive, dtype=bool), np.asarray(predicted_positive, dtype=bool)
+    tp, fp, tn, fn = (int(v.sum()) for v in (t & p, ~t & p, ~t & ~p, t & ~p))
+    entry = {"n_true": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    for name, k, d in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                       ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+        entry[name] = k / d if d else None
+        entry[f"{name}_ci"] = wilson_ci(k, d)
+    return entry
+
+
 def evaluate_arrays(true_class: list[str], predicted_class: list[str], probs: np.ndarray | None = None,
                     true_t: np.ndarray | None = None, predicted_t: np.ndarray | None = None,
                     intervals: np.ndarray | None = None) -> dict:
@@ -150,13 +163,7 @@ def evaluate_arrays(true_class: list[str], predicted_class: list[str], probs: np
     has_p = np.zeros(n, dtype=bool) if probs is None else np.isfinite(np.asarray(probs, dtype=float)).all(axis=1)
     report["skipped_missing_probabilities"] = int(n - has_p.sum())
     for i, label in enumerate(labels):
-        tp, fn = int(cm[i, i]), int(cm[i].sum() - cm[i, i])
-        fp, tn = int(cm[:, i].sum() - cm[i, i]), int(n - cm[i].sum() - cm[:, i].sum() + cm[i, i])
-        entry = {"n_true": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
-        for name, k, d in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
-                           ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
-            entry[name] = k / d if d else None
-            entry[f"{name}_ci"] = wilson_ci(k, d)
+        entry = binary_metrics(y == i, yp == i)
         if probs is not None:
             entry.update(auc_with_ci((y[has_p] == i).astype(int), probs[has_p, i]))
         report["classes"][label] = entry

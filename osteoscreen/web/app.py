@@ -30,7 +30,9 @@ from ..store.db import Database
 from . import auth, charts
 from .context import audit as _audit
 from .context import close_session, db_session
+from .drift_pages import register as register_drift_pages
 from .heatmap_pages import register as register_heatmap_pages
+from .outcome_pages import register as register_outcome_pages
 from .metrics import Metrics
 
 log = logging.getLogger("osteoscreen.web")
@@ -304,6 +306,8 @@ def create_app(settings: Settings, db: Database) -> Flask:
         return render_template("health.html", health=queries.health(session(), settings.storage))
 
     register_heatmap_pages(app, settings)  # /studies/<key>/heatmaps/<uid>.png
+    register_drift_pages(app, settings)  # /drift, /drift/history
+    register_outcome_pages(app, settings)  # /performance, /outcomes/import, /outcomes/match
 
     # -- machines ---------------------------------------------------------------------------------------
 
