@@ -13,7 +13,6 @@ What is not checked here: that the image builds or the containers run (no Docker
 """
 from __future__ import annotations
 
-import base64
 import fnmatch
 import json
 import os
@@ -23,7 +22,6 @@ import shlex
 import subprocess
 import sys
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -290,7 +288,7 @@ def test_gpu_override_builds_cuda_workers(model, gpu_model):
 
 
 def test_demo_orthanc_routes_to_the_listener_and_runs_the_tested_lua_script(model):
-    from .test_orthanc import ROUTE_LUA  # the script tests/test_orthanc.py runs in a real Orthanc
+    from bench.orthanc import ROUTE_LUA  # the script tests/test_orthanc.py runs in a real Orthanc
 
     services = model["services"]
     orthanc = services["orthanc"]
@@ -317,42 +315,18 @@ def test_demo_orthanc_routes_to_the_listener_and_runs_the_tested_lua_script(mode
 
 def test_orthanc_starts_with_the_demo_configuration(tmp_path):
     """The demo PACS's JSON (paths and ports made local) is one this Orthanc accepts, Lua script included."""
-    from .test_node_e2e import port_open, wait_for
-    from .test_orthanc import ROUTE_LUA, distinct_free_ports, orthanc_binary, stop_process, tail
+    from bench.orthanc import Orthanc  # the start-up of tests/test_orthanc.py, here on the demo's settings
+    from .test_orthanc import orthanc_binary
 
-    binary = orthanc_binary()
-    dicom_port, http_port = distinct_free_ports(2)
     config = json.loads(ORTHANC_CONFIG.read_text())
-    config.update(StorageDirectory=str(tmp_path / "db"), IndexDirectory=str(tmp_path / "db"),
-                  LuaScripts=[str(ROUTE_LUA)], DicomPort=dicom_port, HttpPort=http_port,
-                  RemoteAccessAllowed=False)
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    log = tmp_path / "orthanc.log"
-    user, password = next(iter(config["RegisteredUsers"].items()))
-    auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-    def get(route: str):
-        request = urllib.request.Request(f"http://127.0.0.1:{http_port}{route}", headers={"Authorization": auth})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def up() -> bool:
-        try:
-            return get("/system")["DicomPort"] == dicom_port
-        except (OSError, ValueError):
-            return False
-
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([binary, str(path)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    orthanc = Orthanc(tmp_path, base=config, config={"RemoteAccessAllowed": False},
+                      auth=next(iter(config["RegisteredUsers"].items())), binary=orthanc_binary())
     try:
-        assert wait_for(lambda: proc.poll() is not None or (port_open(dicom_port) and up()), 60) and \
-            proc.poll() is None, tail(log)
-        system = get("/system")
+        system = orthanc.get("/system")
         assert system["DicomAet"] == config["DicomAet"] and system["Name"] == config["Name"]
-        assert get("/modalities") == ["osteoscreen"]
+        assert orthanc.get("/modalities") == ["osteoscreen"]
     finally:
-        stop_process(proc)
+        orthanc.stop()
 
 
 # -- Dockerfile and .dockerignore -----------------------------------------------------------------------
@@ -489,7 +463,7 @@ def test_dockerignore_keeps_the_environment_and_history_out():
     for path in (".venv", ".git", "var", "demo-output", "runs", "docker/.env", ".pytest_cache",
                  "osteoscreen/__pycache__", "osteoscreen.egg-info"):
         assert dockerignore_excludes(path), path
-    for path in ("osteoscreen", "osteoscreen/cli.py", "models/osteoscreen-v0.3.pt", "models/localiser-v1.pt",
+    for path in ("osteoscreen", "osteoscreen/cli/__init__.py", "models/osteoscreen-v0.3.pt", "models/localiser-v1.pt",
                  "pyproject.toml", "README.md", "docker/Dockerfile"):
         assert not dockerignore_excludes(path), path
 

@@ -337,7 +337,7 @@ def test_matched_outcomes_label_the_calibration_rows_from_the_node(tmp_path, cap
     import argparse
 
     from osteoscreen.admin.node_cases import scanner_rows
-    from osteoscreen.cli_calibrate import _node_manifest
+    from osteoscreen.cli.calibrate import _node_manifest
     from osteoscreen.training.calibrate import MIN_LABELLED_STUDIES
     storage = tmp_path / "var"
     url = f"sqlite:///{storage / 'osteoscreen.db'}"

@@ -1,17 +1,17 @@
-"""The offline model tools: `synth`, `predict`, `score`, `train`, `calibrate` (cli_calibrate) and
-`evaluate`; the node's roles and `db` stay in cli."""
+"""The offline model tools: `synth`, `predict`, `score`, `train`, `calibrate` (cli.calibrate) and
+`evaluate`."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .usage import UsageError
-from .config import load
+from .common import UsageError
+from ..config import load
 
 
 def cmd_synth(args) -> int:
-    from .synth import synthesize
-    from .synth.profiles import PROFILES
+    from ..synth import synthesize
+    from ..synth.profiles import PROFILES
     views = tuple(args.views.split(",")) if args.views else None
     profiles = tuple(args.profile.split(",")) if args.profile else None
     unknown = [p for p in profiles or () if p not in PROFILES]
@@ -29,7 +29,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_files
+    from ..predict import predict_files
     settings = load(args.config or None, {"model_path": args.model, "device": args.device})
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
@@ -49,7 +49,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training.train import TrainConfig, train
+    from ..training.train import TrainConfig, train
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, val_fraction=args.val_fraction, version=args.version,
                       tta=not args.no_tta, cam_guidance=args.cam_guidance,
@@ -85,9 +85,9 @@ def _calibration_file(args) -> Path | None:
 
 
 def cmd_score(args) -> int:
-    from .pipeline.dicom_io import set_jpeg2000_threads
-    from .scanners import models_from_settings
-    from .training.score import score_manifests
+    from ..pipeline.dicom_io import set_jpeg2000_threads
+    from ..scanners import models_from_settings
+    from ..training.score import score_manifests
     settings = load(args.config or None, {"model_path": args.model, "device": args.device})
     missing = [m for m in args.manifest if not Path(m).is_file()]
     if missing:
@@ -103,8 +103,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .training.evaluate import compare_csv, evaluate_csv
-    from .training.evaluate_text import format_comparison, format_report
+    from ..training.evaluate import compare_csv, evaluate_csv
+    from ..training.evaluate_text import format_comparison, format_report
     for f in (args.predictions, args.compare):
         if f is not None and not Path(f).is_file():
             raise UsageError(f"no such file: {f}")
@@ -193,7 +193,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    from .cli_calibrate import add_parser as add_calibrate_parser
+    from .calibrate import add_parser as add_calibrate_parser
     add_calibrate_parser(sub)
 
     p = sub.add_parser("evaluate", help="screening metrics from a predictions CSV")

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .cli import _database, _day, _db_flags
-from .usage import UsageError
+from .common import UsageError, _database, _day, _db_flags
 
 
 def _who(args) -> str:
@@ -23,7 +22,7 @@ def _who(args) -> str:
 
 
 def _problem_table(problems: list[dict]) -> str:
-    from .admin import tables as t
+    from ..admin import tables as t
     rows = [(p.get("line"), p["patient_id"], p["dxa_date"], p.get("accession"), p["status"], p["candidates"],
              p["reason"]) for p in problems]
     return t.render(["line", "patient ID", "DXA date", "accession", "status", "candidates", "reason"], rows,
@@ -31,7 +30,7 @@ def _problem_table(problems: list[dict]) -> str:
 
 
 def cmd_import(args) -> int:
-    from .admin import outcomes
+    from ..admin import outcomes
     try:
         rows = outcomes.read_file(args.file)
     except outcomes.OutcomeFileError as exc:
@@ -65,7 +64,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_match(args) -> int:
-    from .admin import outcomes
+    from ..admin import outcomes
     settings, db = _database(args)
     try:
         with db.session() as session:
@@ -83,7 +82,7 @@ def cmd_match(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .admin import outcomes, tables as t
+    from ..admin import outcomes, tables as t
     _, db = _database(args)
     try:
         with db.session() as session:
@@ -111,7 +110,7 @@ def _fmt(value, ci=None, percent: bool = True) -> str:
 
 
 def cmd_performance(args) -> int:
-    from .admin import performance, tables as t
+    from ..admin import performance, tables as t
     since, until = _day(args.since, "--since"), _day(args.until, "--until")
     settings, db = _database(args)
     try:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
-from .cli import _database, _db_flags
+from .common import _database, _db_flags
 
 
 def cmd_db_drift(args) -> int:
-    from .monitor import watch
+    from ..monitor import watch
     settings, db = _database(args)
     try:
         with db.session() as session:

@@ -4,13 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import _database, _day
-from .usage import UsageError
-from .config import load
+from .common import UsageError, _database, _day
+from ..config import load
 
 
 def cmd_calibrate(args) -> int:
-    from .training.calibrate import NotEnoughData, calibrate, format_calibration_report
+    from ..training.calibrate import NotEnoughData, calibrate, format_calibration_report
     settings = load(args.config or None, {"model_path": args.model, "device": args.device})
     missing = [m for m in args.manifest if not Path(m).is_file()]
     if missing:
@@ -21,14 +20,14 @@ def cmd_calibrate(args) -> int:
     if not manifests:
         raise UsageError("calibrate needs --manifest CSV (repeatable) or --from-node --scanner KEY")
     if args.scanner:
-        from .model.calibration import CalibrationError, parse_scanner_key
+        from ..model.calibration import CalibrationError, parse_scanner_key
         try:
             parse_scanner_key(args.scanner)
         except CalibrationError as exc:
             raise UsageError(str(exc)) from None
     level = settings.interval_level if args.level is None else args.level
     if args.embed:  # the model's own calibration, written into a copy of the checkpoint
-        from .training.calibrate import embed_own_calibration
+        from ..training.calibrate import embed_own_calibration
         try:
             cal = embed_own_calibration(settings.model_path, manifests, Path(args.out),
                                         version=args.version, level=level, progress=not args.quiet, seed=args.seed)
@@ -53,9 +52,9 @@ def cmd_calibrate(args) -> int:
 def _node_manifest(args) -> Path:
     """The node's own images of --scanner (received since --since) as a manifest file beside --out."""
     import csv
-    from .admin.node_cases import scanner_rows
-    from .admin.outcomes import T_SCORE_COLUMNS
-    from .model.calibration import CalibrationError
+    from ..admin.node_cases import scanner_rows
+    from ..admin.outcomes import T_SCORE_COLUMNS
+    from ..model.calibration import CalibrationError
     if not args.scanner:
         raise UsageError("--from-node needs --scanner KEY (Manufacturer|ModelName[|station=S][|serial=N])")
     since = _day(args.since, "--since")
@@ -85,8 +84,8 @@ def _node_manifest(args) -> Path:
 def _node_labels(rows: list[dict], labelled: int, alone: bool) -> list[dict]:
     """The node's rows as calibration rows: too few labelled studies for a supervised recalibration, and no
     --manifest to add more, and the DXA labels are left out (the rows still adapt, unlabelled)."""
-    from .admin.outcomes import T_SCORE_COLUMNS
-    from .training.calibrate import MIN_LABELLED_STUDIES
+    from ..admin.outcomes import T_SCORE_COLUMNS
+    from ..training.calibrate import MIN_LABELLED_STUDIES
     if alone and 0 < labelled < MIN_LABELLED_STUDIES:
         print(f"node: {labelled} labelled studies are fewer than the {MIN_LABELLED_STUDIES} a supervised "
               "recalibration needs: their DXA T-scores are left out (unlabelled adaptation only)", file=sys.stderr)

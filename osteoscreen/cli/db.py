@@ -1,117 +1,15 @@
-"""Command line: one sub-command per role or tool. Exit codes: 0 ok, 1 runtime failure, 2 usage/config."""
+"""`osteoscreen db …` (schema, screenings, statistics, worklist, acknowledgements, export; `drift` and
+`outcomes`/`performance` register from their own modules) and `osteoscreen resend`."""
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import logging
 import sys
-from pathlib import Path
 
-from . import __version__
-from .config import ConfigError, Destination, load
-from .usage import UsageError
-
-log = logging.getLogger("osteoscreen")
-
-
-
-
-def _node_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="config.yaml (default: none; environment OSTEOSCREEN_* also applies)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--ae-title")
-    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
-                   help="where results are sent (repeatable)")
-    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the storage folder)")
-    p.add_argument("--storage", help="folder for spool, outbox and the SQLite database (default ./var)")
-
-
-def _settings(args):
-    overrides = {"port": args.port, "ae_title": args.ae_title, "database_url": args.database_url,
-                 "storage": args.storage}
-    if getattr(args, "http_port", None) is not None:
-        overrides["web"] = {"port": args.http_port}
-    if args.destination:
-        overrides["destinations"] = [Destination.parse(d) for d in args.destination]
-    return load(args.config or None, overrides)
-
-
-def cmd_run_roles(args) -> int:
-    settings = _settings(args)  # a config error must not wait for heavy imports
-    from .service import ROLES, Node, run_until_signal
-    if args.command == "serve":
-        roles = ROLES + (("web",) if settings.web.enabled else ())
-    else:
-        roles = (args.command,)
-    run_until_signal(Node(settings, roles, receive_only=getattr(args, "receive_only", False)))
-    return 0
-
-
-def cmd_web(args) -> int:
-    if args.web_command == "hash-password":
-        return cmd_hash_password(args)
-    return cmd_run_roles(args)
-
-
-def cmd_hash_password(args) -> int:
-    """Print a hash for web.users; the password comes from stdin (piped) or a prompt, never a flag."""
-    import getpass
-    from .web.auth import hash_password
-    if sys.stdin.isatty():
-        password = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != password:
-            raise UsageError("the passwords differ")
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < 8:
-        raise UsageError("a password needs at least 8 characters")
-    print(hash_password(password))
-    return 0
-
-
-def cmd_health(args) -> int:
-    """Exit 0 when a process with the role wrote a heartbeat within --max-age (container health checks)."""
-    import socket
-    from .store.heartbeat import alive
-    settings, db = _database(args, migrate=False)
-    try:
-        with db.session() as session:
-            found = alive(session, role=args.role, host=socket.gethostname()[:128] if args.this_host else None,
-                          max_age=args.max_age)
-    except Exception as exc:  # database away or schema behind: unhealthy, said in one line
-        print(f"unhealthy: database: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
-    where = " on this host" if args.this_host else ""
-    if not found:
-        print(f"unhealthy: no {args.role} process{where} seen in the last {args.max_age:g} s", file=sys.stderr)
-        return 1
-    print(f"ok: {len(found)} {args.role} process(es){where}")
-    return 0
-
-
-def _db_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="config.yaml (default: none; environment OSTEOSCREEN_* also applies)")
-    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the storage folder)")
-    p.add_argument("--storage", help="folder holding the SQLite database (default ./var)")
-
-
-def _database(args, migrate: bool = True):
-    """Open the configured database; a URL SQLAlchemy cannot use is a usage error (exit 2)."""
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-    from .store.db import Database
-    settings = load(args.config or None, {"database_url": args.database_url, "storage": args.storage})
-    try:
-        return settings, Database(settings.db_url, migrate=migrate)
-    except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as exc:
-        raise UsageError(f"database URL is not usable ({type(exc).__name__}: {exc}); expected e.g. "
-                         "sqlite:///path/osteoscreen.db or postgresql+psycopg://user@host/dbname") from None
+from .common import UsageError, _admin_session, _database, _day, _db_flags, _filter_flags, _filters
 
 
 def cmd_db_upgrade(args) -> int:
-    from .store.db import current_revision
+    from ..store.db import current_revision
     _, db = _database(args, migrate=True)  # Database() brings the schema to head (stamping a pre-Alembic one)
     try:
         with db.engine.connect() as conn:
@@ -122,61 +20,8 @@ def cmd_db_upgrade(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _admin_session(args):
-    """(positive categories, session) on the configured database; an unknown study is a usage error."""
-    from .admin.queries import NotFound
-    settings, db = _database(args)
-    try:
-        with db.session() as session:
-            yield settings.output.positive_categories, session
-    except NotFound as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        db.dispose()
-
-
-def _day(value: str | None, flag: str):
-    from datetime import date
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"{flag} {value!r}: expected a date YYYY-MM-DD") from None
-
-
-def _filter_flags(p: argparse.ArgumentParser) -> None:
-    yn = ["yes", "no"]
-    p.add_argument("--from", dest="since", metavar="YYYY-MM-DD", help="first received on or after (UTC)")
-    p.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="first received on or before (UTC)")
-    p.add_argument("--result", help="normal | osteopenia | osteoporosis | not_assessable (of --site, if given)")
-    p.add_argument("--site", help="left_hip | right_hip | lumbar_spine: --result and --assessable look at this site")
-    p.add_argument("--assessable", choices=yn, help="some site (or --site) assessable, or none")
-    p.add_argument("--positive", choices=yn, help="result among output.positive_categories")
-    p.add_argument("--acknowledged", choices=yn)
-    p.add_argument("--status", help="receiving | queued | screened | skipped | failed")
-    p.add_argument("--modality", metavar="M", help="an image of this modality (CR, DX)")
-    p.add_argument("--calling-ae", metavar="AE")
-    p.add_argument("--model-version", metavar="V", help="the latest report made by this model version")
-    p.add_argument("--patient", metavar="ID_OR_ACCESSION", help="Patient ID or Accession Number, exactly")
-
-
-def _filters(args):
-    from .admin.queries import Filters
-    yn = {None: None, "yes": True, "no": False}
-    f = Filters(since=_day(args.since, "--from"), until=_day(args.until, "--to"), result=args.result,
-                site=args.site, assessable=yn[args.assessable], positive=yn[args.positive],
-                acknowledged=yn[args.acknowledged], status=args.status, modality=args.modality,
-                calling_ae=args.calling_ae, model_version=args.model_version, patient=args.patient)
-    try:
-        return f.validate()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def cmd_db_list(args) -> int:
-    from .admin import queries, tables as t
+    from ..admin import queries, tables as t
     f = _filters(args)
     if args.limit < 0 or args.offset < 0:
         raise UsageError("--limit and --offset must be >= 0")
@@ -197,7 +42,7 @@ def cmd_db_list(args) -> int:
 
 
 def cmd_db_show(args) -> int:
-    from .admin import queries, tables as t
+    from ..admin import queries, tables as t
     with _admin_session(args) as (positive, session):
         d = queries.study_detail(session, args.key, positive_categories=positive)
     if args.json:
@@ -250,7 +95,7 @@ def cmd_db_show(args) -> int:
 
 
 def cmd_db_stats(args) -> int:
-    from .admin import queries, tables as t
+    from ..admin import queries, tables as t
     since, until = _day(args.since, "--from"), _day(args.until, "--to")
     if since and until and since > until:
         raise UsageError(f"--from {since} is after --to {until}")
@@ -276,8 +121,8 @@ def cmd_db_stats(args) -> int:
 
 
 def cmd_db_worklist(args) -> int:
-    from .admin import queries, tables as t
-    from .store.models import utcnow
+    from ..admin import queries, tables as t
+    from ..store.models import utcnow
     with _admin_session(args) as (positive, session):
         items = queries.worklist(session, positive_categories=positive, include_acknowledged=args.all)
     now = utcnow()
@@ -300,7 +145,7 @@ def cmd_db_worklist(args) -> int:
 
 
 def cmd_db_ack(args) -> int:
-    from .admin import queries
+    from ..admin import queries
     if not 1 <= len(args.by) <= 64:
         raise UsageError("--by needs a user name of 1-64 characters")
     if args.revoke and args.note:
@@ -322,7 +167,7 @@ def cmd_db_ack(args) -> int:
 
 def cmd_db_export(args) -> int:
     import csv
-    from .admin import queries
+    from ..admin import queries
     f = _filters(args)
     to_stdout = args.out == "-"
     try:
@@ -345,7 +190,7 @@ def cmd_db_export(args) -> int:
 
 
 def cmd_resend(args) -> int:
-    from .dispatch.resend import NotFound, resend
+    from ..dispatch.resend import NotFound, resend
     _, db = _database(args)
     try:
         with db.session() as session:
@@ -362,33 +207,7 @@ def cmd_resend(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-    if not args.verbose:  # the demo prints its own story; node chatter only with -v
-        logging.getLogger("osteoscreen").setLevel(logging.WARNING)
-    return run_demo(Path(args.workdir))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osteoscreen", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"osteoscreen {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("serve", "all roles in one process (listener, scheduler, worker, dispatcher)"),
-                       ("listen", "the DICOM listener and the study-settle timer"),
-                       ("work", "a worker: screens queued studies"),
-                       ("dispatch", "the dispatcher: sends result objects")):  # `web`: below
-        p = sub.add_parser(name, help=text)
-        _node_flags(p)
-        if name == "serve":
-            p.add_argument("--http-port", type=int, help="the dashboard's HTTP port (web.port, default 8080)")
-        if name == "listen":  # a child started by listen_processes > 1: receives only (no timers)
-            p.add_argument("--receive-only", action="store_true", help=argparse.SUPPRESS)
-        p.set_defaults(func=cmd_run_roles)
-
-    from .cli_tools import add_parsers as add_tool_parsers
-    add_tool_parsers(sub)
-
+def add_parsers(sub) -> None:
     p = sub.add_parser("db", help="database administration: schema migrations, screenings, statistics, "
                        "follow-up worklist, CSV export")
     db_sub = p.add_subparsers(dest="db_command", required=True)  # more `db` commands register here
@@ -440,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="-", metavar="FILE.csv", help="file to write (default -: standard output)")
     q.set_defaults(func=cmd_db_export)
 
-    from .cli_monitor import add_db_parsers as add_monitor_parsers
+    from .drift import add_db_parsers as add_monitor_parsers
     add_monitor_parsers(db_sub)
-    from .cli_outcomes import add_db_parsers as add_outcome_parsers
+    from .outcomes import add_db_parsers as add_outcome_parsers
     add_outcome_parsers(db_sub)  # db outcomes, db performance
 
     p = sub.add_parser("resend", help="re-queue result deliveries: all dead ones, or those of a study or one delivery")
@@ -452,51 +271,3 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--study", metavar="UID", help="the dead and delivered deliveries of this Study Instance UID")
     which.add_argument("--delivery", metavar="ID", type=int, help="one dead or delivered delivery, by id")
     p.set_defaults(func=cmd_resend)
-
-    p = sub.add_parser("web", help="the dashboard and Prometheus /metrics (`serve` runs it too); "
-                       "`web hash-password` makes a password hash for web.users")
-    _node_flags(p)
-    p.add_argument("--http-port", type=int, help="HTTP port (web.port, default 8080)")
-    web_sub = p.add_subparsers(dest="web_command")
-    q = web_sub.add_parser("hash-password", help="read a password (stdin or prompt) and print its hash for web.users")
-    q.set_defaults(func=cmd_web)
-    p.set_defaults(func=cmd_web, web_command=None)
-
-    p = sub.add_parser("health", help="exit 0 if a process with this role is alive (heartbeat in the database); "
-                       "for container health checks")
-    _db_flags(p)
-    p.add_argument("--role", required=True, choices=["listen", "work", "dispatch", "web"])
-    p.add_argument("--this-host", action="store_true", help="only count processes on this host (container)")
-    p.add_argument("--max-age", type=float, default=30.0, help="seconds since the last heartbeat (default 30)")
-    p.set_defaults(func=cmd_health)
-
-    p = sub.add_parser("demo", help="end-to-end demonstration on a fresh machine")
-    p.add_argument("--workdir", default="demo-output", help="folder for the demo, emptied first (default ./demo-output)")
-    p.set_defaults(func=cmd_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("highdicom", "pynetdicom", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a skipped overlapping tick is normal
-    try:
-        return args.func(args)
-    except (ConfigError, UsageError) as exc:
-        print(f"osteoscreen: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 1
-    except Exception as exc:  # runtime failure: one clear line; the traceback only with --verbose
-        if args.verbose:
-            log.exception("failed")
-        print(f"osteoscreen: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
