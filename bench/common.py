@@ -30,6 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, exclude: Iterable[int | None] = ()) -> list[int]:
+    """`n` distinct free ports, none of them in `exclude`."""
+    taken, ports = set(exclude), []
+    while len(ports) < n:
+        port = free_port()
+        if port not in taken:
+            taken.add(port)
+            ports.append(port)
+    return ports
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         return s.connect_ex((host, port)) == 0

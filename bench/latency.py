@@ -2,10 +2,11 @@
 
     python -m bench.latency [--quick] [--workdir DIR] [--studies N] [--no-progress]
 
-A private Orthanc (free ports, its own storage, the Lua script docker/orthanc/route.lua that the demo
-PACS runs: every stored CR/DX instance is sent to the node) and a real `osteoscreen serve` process
-(settle timer OSTEOSCREEN_SETTLE_SECONDS=1, destination ORTHANC@127.0.0.1:<Orthanc's DICOM port>,
-dashboard on a free port, everything else the node's defaults: in `serve` a settled study wakes the
+A private Orthanc (bench/orthanc.py, the start-up tests/test_orthanc.py uses too: free ports, its
+own storage, the Lua script docker/orthanc/route.lua that the demo PACS runs: every stored CR/DX
+instance is sent to the node) and a real `osteoscreen serve` process (settle timer
+OSTEOSCREEN_SETTLE_SECONDS=1, destination ORTHANC@127.0.0.1:<Orthanc's DICOM port>, dashboard on a
+free port, everything else the node's defaults: in `serve` a settled study wakes the
 worker and a finished one the dispatcher at once (their polls, 0.5 s each, are only the fallback),
 1 torch thread). One unmeasured warm-up study first (model load, localiser atlases, first
 associations). Then, per case, N studies sent one at a time with DCMTK `storescu` to ORTHANC, each a
@@ -44,15 +45,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import signal
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,11 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port as _free_port, load_average as _load, port_open as _port_open  # noqa: E402
-from bench.common import tail_of, wait_for as _wait  # noqa: E402
+from bench.common import free_ports, load_average as _load, tail_of, wait_for as _wait  # noqa: E402
 from bench.inference import _Bar, _ratio, format_rows, row  # noqa: E402
+from bench.orthanc import Node, Orthanc  # noqa: E402
 
-ROUTE_LUA = ROOT / "docker" / "orthanc" / "route.lua"
 SETTLE_SECONDS = 1.0
 POLL_SECONDS = 0.02
 TARGET_PIXEL_BYTES = 17e6  # the pelvis is up-sampled until its pixel data is about this size (≈ 1.4× per axis)
@@ -75,107 +70,6 @@ PAUSE_SECONDS = 0.5
 TARGET = "p50 ≤ 1 s for a pelvis study on this 2-core CPU machine"
 CASES = {"pelvis_17MB": "pelvis AP ~17 MB uncompressed", "pelvis_17MB_j2k": "same pelvis, JPEG 2000 lossless",
          "lumbar_ap_lat": "lumbar AP + lateral (2 images)"}
-
-
-# -- processes ---------------------------------------------------------------------------------------
-def _stop(proc: subprocess.Popen | None, grace: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def orthanc_binary() -> str:
-    import shutil
-    path = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
-    if path is None:
-        raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
-    return path
-
-
-class Orthanc:
-    """A private Orthanc: own ports and storage, the forwarding Lua script (as tests/test_orthanc.py)."""
-
-    def __init__(self, folder: Path, node_port: int):
-        self.dicom_port, self.http_port = _free_port(), _free_port()
-        while self.http_port == self.dicom_port:
-            self.http_port = _free_port()
-        config = {"Name": "osteoscreen-bench-pacs", "StorageDirectory": str(folder / "storage"),
-                  "IndexDirectory": str(folder / "storage"), "StorageCompression": False, "Plugins": [],
-                  "LuaScripts": [str(ROUTE_LUA)], "ExecuteLuaEnabled": False, "HttpServerEnabled": True,
-                  "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-                  "SslEnabled": False, "HttpDescribeErrors": True, "DicomServerEnabled": True, "DicomAet": "ORTHANC",
-                  "DicomPort": self.dicom_port, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-                  "DicomCheckModalityHost": False, "DicomScuTimeout": 30,
-                  "DicomModalities": {"osteoscreen": ["OSTEOSCREEN", "127.0.0.1", node_port]},
-                  "OverwriteInstances": True, "SaveJobs": False, "ConcurrentJobs": 2, "StableAge": 3600}
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.log = folder / "orthanc.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([orthanc_binary(), str(folder / "orthanc.json")], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        ok = _wait(lambda: self.proc.poll() is not None or (_port_open(self.dicom_port) and self._alive()), 60, 0.2)
-        if not ok or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"Orthanc did not start:\n{tail_of(self.log)}")
-
-    def _alive(self) -> bool:
-        try:
-            return self.get("/system")["DicomPort"] == self.dicom_port
-        except (OSError, ValueError):
-            return False
-
-    def get(self, path: str, data: bytes | None = None):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", data=data, timeout=30) as r:
-            return json.loads(r.read())
-
-    def study_id(self, study_uid: str) -> str | None:
-        for hit in self.get("/tools/lookup", study_uid.encode()):
-            if hit.get("Type") == "Study":
-                return hit["ID"]
-        return None
-
-    def has_sr(self, sid: str) -> bool:
-        return any(s["MainDicomTags"].get("Modality") == "SR" for s in self.get(f"/studies/{sid}/series?expand"))
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-
-class Node:
-    """`osteoscreen serve` sending its results to Orthanc."""
-
-    def __init__(self, storage: Path, orthanc_dicom_port: int, port: int, extra_env: dict | None = None):
-        self.storage, self.port = storage, port
-        storage.mkdir(parents=True, exist_ok=True)
-        self.log = storage.parent / "node.log"
-        exe = Path(sys.executable).with_name("osteoscreen")
-        command = [str(exe)] if exe.exists() else [sys.executable, "-m", "osteoscreen.cli"]
-        args = [*command, "serve", "--port", str(port), "--ae-title", "OSTEOSCREEN",
-                "--destination", f"ORTHANC@127.0.0.1:{orthanc_dicom_port}", "--storage", str(storage)]
-        env = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(SETTLE_SECONDS),
-               "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1", "OSTEOSCREEN_WEB__PORT": "0", **(extra_env or {})}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        ok = _wait(lambda: _port_open(port) or self.proc.poll() is not None, 120, 0.2)
-        if not ok or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"the node did not start:\n{tail_of(self.log)}")
-
-    def query(self, sql: str, *params) -> list[tuple]:
-        con = sqlite3.connect(f"file:{self.storage / 'osteoscreen.db'}?mode=ro", uri=True, timeout=10)
-        try:
-            return con.execute(sql, params).fetchall()
-        finally:
-            con.close()
-
-    def stop(self) -> None:
-        _stop(self.proc, grace=30)
 
 
 # -- studies -----------------------------------------------------------------------------------------
@@ -241,18 +135,6 @@ def fresh_copy(files: list[Path], folder: Path, tag: str) -> tuple[str, list[Pat
     return study_uid, out
 
 
-def storescu(port: int, files: list[Path], j2k: bool = False) -> float:
-    """Send with DCMTK storescu; the JPEG 2000 files with -xv (propose JPEG 2000 lossless: sent as
-    stored, never transcoded). Returns the start time."""
-    t0 = time.time()
-    proc = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", *(["-xv"] if j2k else []),
-                           "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"storescu failed: {proc.stdout}{proc.stderr}"[:500])
-    return t0
-
-
 def _utc(value) -> float | None:
     if value is None:
         return None
@@ -261,7 +143,7 @@ def _utc(value) -> float | None:
 
 def measure_study(orthanc: Orthanc, node: Node, files: list[Path], study_uid: str, lease_seconds: float,
                   j2k: bool = False) -> dict:
-    t_scu0 = storescu(orthanc.dicom_port, files, j2k)
+    t_scu0 = orthanc.store(files, j2k)
     t_scu1 = time.time()
     sid = orthanc.study_id(study_uid)
     deadline = time.monotonic() + STUDY_TIMEOUT
@@ -380,9 +262,10 @@ def run(quick: bool, workdir: Path, progress: bool = True, studies: int | None =
             raw["cases"][case] = {"description": CASES[case], "prepare_s": time.perf_counter() - t0,
                                   "file_sizes_mb": [round(f.stat().st_size / 1e6, 2) for f in bases[case][0]]}
         bar.step("studies written")
-        node_port = _free_port()
-        orthanc = Orthanc(work / "orthanc", node_port)
-        node = Node(work / "node" / "var", orthanc.dicom_port, node_port, extra_env)
+        node_port, dicom_port, http_port = free_ports(3)
+        orthanc = Orthanc(work / "orthanc", node_port, dicom_port=dicom_port, http_port=http_port,
+                          config={"Name": "osteoscreen-bench-pacs"})
+        node = Node(work / "node" / "var", node_port, dicom_port, settle_seconds=SETTLE_SECONDS, env=extra_env)
         raw["orthanc_version"] = orthanc.get("/system").get("Version")
         # warm-up: model, localiser atlases, associations; not measured
         uid, files = fresh_copy(bases["lumbar_ap_lat"][0], work / "send", "warmup")

@@ -7,21 +7,17 @@ CR/DX instance to the node; the node sends its SR, heatmaps and (when a site is 
 osteoporotic) a Key Object Selection back to Orthanc, where the script leaves them alone. Everything is read back through Orthanc's REST API.
 
 One Orthanc and one node serve the whole module; each has its own free ports, storage under a
-temporary folder and a log file that is printed when a test fails. Orthanc's settings are
-tests/orthanc/orthanc.json (paths, ports and the node's address filled in here); it runs with
-OverwriteInstances, so that a re-sent image is stored again and routed again, as a PACS re-routing a
-study would.
+temporary folder and a log file that is printed when a test fails. Both are started by
+bench/orthanc.py, the start-up bench/latency.py uses too: Orthanc's settings are its BASE_CONFIG
+(paths, ports and the node's address filled in), with OverwriteInstances, so that a re-sent image is
+stored again and routed again, as a PACS re-routing a study would.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +25,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from sqlalchemy import create_engine, text
 
+from bench.common import free_ports, tail_of, wait_for
+from bench.orthanc import Node, Orthanc, find_orthanc
 from osteoscreen.reports.read import read_sr
 from osteoscreen.synth import make_study
 
 from .conftest import dciodvfy_errors, require_tool
-from .test_node_e2e import free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent / "orthanc"
 REPO = Path(__file__).resolve().parents[1]
-ROUTE_LUA = REPO / "docker" / "orthanc" / "route.lua"  # shared with docker/compose.yaml's Orthanc
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
@@ -49,10 +43,10 @@ SETTLE_SECONDS = 3.0  # AP and lateral forwarded by Orthanc well inside this: on
 RESULTS_TIMEOUT = 180  # seconds for every study to come back (model load + screening on a busy machine)
 
 
-# -- peers -----------------------------------------------------------------------------------------
+# -- peers: bench/orthanc.py's Orthanc and node, shared with bench/latency.py ----------------------
 def orthanc_binary() -> str:
-    """Orthanc lives in /usr/sbin, which a normal user's PATH may lack."""
-    path = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+    """Orthanc's path; a skip where it is not installed (a failure in CI, which installs it)."""
+    path = find_orthanc()
     if path is None:
         if os.environ.get("CI"):
             pytest.fail("Orthanc is not installed (CI installs the orthanc package)")
@@ -60,131 +54,9 @@ def orthanc_binary() -> str:
     return path
 
 
-def distinct_free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
-def tail(path: Path, chars: int = 6000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError as exc:
-        return f"({path}: {exc})"
-
-
-def stop_process(proc: subprocess.Popen | None, grace: float = 15) -> None:
-    """SIGTERM, then SIGKILL if it does not go; safe to call twice."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-class Orthanc:
-    """A private Orthanc: its own ports, storage and index, the forwarding Lua script."""
-
-    def __init__(self, folder: Path, node_port: int, dicom_port: int, http_port: int):
-        binary = orthanc_binary()
-        self.folder, self.dicom_port, self.http_port = folder, dicom_port, http_port
-        folder.mkdir(parents=True, exist_ok=True)
-        config = json.loads((HERE / "orthanc.json").read_text())
-        config.update(StorageDirectory=str(folder / "storage"), IndexDirectory=str(folder / "storage"),
-                      LuaScripts=[str(ROUTE_LUA)], HttpPort=http_port, DicomPort=dicom_port,
-                      DicomModalities={"osteoscreen": ["OSTEOSCREEN", "127.0.0.1", node_port]})
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps(config, indent=2))
-        self.log = folder / "orthanc.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([binary, "--verbose", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        up = wait_for(lambda: self.proc.poll() is not None or (port_open(dicom_port) and self._alive()), 60)
-        if not up or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"Orthanc did not start:\n{tail(self.log)}")
-
-    def _alive(self) -> bool:
-        try:
-            return self.get("/system")["DicomPort"] == self.dicom_port
-        except (OSError, ValueError):
-            return False
-
-    def _open(self, path: str, data: bytes | None = None):
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", data=data, timeout=30)
-
-    def get(self, path: str):
-        with self._open(path) as response:
-            return json.loads(response.read())
-
-    def get_bytes(self, path: str) -> bytes:
-        with self._open(path) as response:
-            return response.read()
-
-    def study_id(self, study_uid: str) -> str | None:
-        """Orthanc's identifier of a study, looked up through /studies."""
-        for study in self.get("/studies?expand"):
-            if study["MainDicomTags"].get("StudyInstanceUID") == study_uid:
-                return study["ID"]
-        return None
-
-    def instances(self, study_uid: str) -> list[dict]:
-        """Each instance of the study: Orthanc ids and its simplified tags."""
-        sid = self.study_id(study_uid)
-        if sid is None:
-            return []
-        out = []
-        for inst in self.get(f"/studies/{sid}/instances"):
-            tags = self.get(f"/instances/{inst['ID']}/simplified-tags")
-            out.append({"id": inst["ID"], "series": inst["ParentSeries"], "study": sid, "tags": tags})
-        return out
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-class Node:
-    """`osteoscreen serve` sending its results to Orthanc."""
-
-    def __init__(self, storage: Path, port: int, orthanc_dicom_port: int):
-        self.storage, self.port = storage, port
-        storage.mkdir(parents=True, exist_ok=True)
-        self.log = storage.parent / "node.log"
-        exe = Path(sys.executable).with_name("osteoscreen")
-        command = [str(exe)] if exe.exists() else [sys.executable, "-m", "osteoscreen.cli"]
-        args = [*command, "serve", "--port", str(port), "--ae-title", "OSTEOSCREEN",
-                "--destination", f"ORTHANC@127.0.0.1:{orthanc_dicom_port}", "--storage", str(storage)]
-        env = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(SETTLE_SECONDS), "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1",
-               "OSTEOSCREEN_DISPATCH_BACKOFF_SECONDS": "1", "OSTEOSCREEN_WEB__PORT": "0"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        up = wait_for(lambda: port_open(port) or self.proc.poll() is not None, 90)
-        if not up or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"the node did not start:\n{tail(self.log)}")
-        self.engine = create_engine(f"sqlite:///{storage / 'osteoscreen.db'}")
-
-    def query(self, sql: str, **params) -> list[tuple]:
-        with self.engine.connect() as c:
-            return [tuple(row) for row in c.execute(text(sql), params)]
-
-    def stop(self) -> None:
-        stop_process(self.proc, grace=30)
-        if hasattr(self, "engine"):
-            self.engine.dispose()
-
-
 def storescu_to_orthanc(orthanc: Orthanc, files: list[Path]) -> None:
     require_tool("storescu")
-    out = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port),
-                          *map(str, files)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    orthanc.store(files, timeout=120)
 
 
 # -- studies ---------------------------------------------------------------------------------------
@@ -268,15 +140,17 @@ class RoundTrip:
     def diagnostics(self) -> str:
         parts = []
         if self.node is not None:
-            parts.append(f"--- node log ({self.node.log}) ---\n{tail(self.node.log)}")
+            parts.append(f"--- node log ({self.node.log}) ---\n{tail_of(self.node.log, 6000)}")
         if self.orthanc is not None:
-            parts.append(f"--- Orthanc log ({self.orthanc.log}) ---\n{tail(self.orthanc.log)}")
+            parts.append(f"--- Orthanc log ({self.orthanc.log}) ---\n{tail_of(self.orthanc.log, 6000)}")
         return "\n".join(parts)
 
     def start(self) -> None:
-        node_port, dicom_port, http_port = distinct_free_ports(3)
-        self.orthanc = Orthanc(self.folder / "orthanc", node_port, dicom_port, http_port)
-        self.node = Node(self.folder / "node" / "var", node_port, dicom_port)
+        node_port, dicom_port, http_port = free_ports(3)
+        self.orthanc = Orthanc(self.folder / "orthanc", node_port, dicom_port=dicom_port, http_port=http_port,
+                               verbose=True, binary=orthanc_binary())
+        self.node = Node(self.folder / "node" / "var", node_port, dicom_port, settle_seconds=SETTLE_SECONDS,
+                         env={"OSTEOSCREEN_DISPATCH_BACKOFF_SECONDS": "1"}, start_timeout=90)
 
     def stop(self) -> None:
         for peer in (self.node, self.orthanc):

@@ -10,7 +10,8 @@ ImageLaterality or Laterality) and a femur of the *other* side is what the anato
 femur's confidence is multiplied by `LATERALITY_MISMATCH` (the pipeline then refuses it).
 
 The classical localiser: atlas registration, no learning. The atlas is the mean of a few phantoms
-without pose (`synth.phantoms.mean_anatomy`), built once per process. Image and atlas are brought to 2 mm pixels
+without pose, a data file shipped in models/ (`localize_atlas`: drawn by `synth.phantoms.mean_anatomy`
+through scripts/build_localiser_atlas.py, read once per process). Image and atlas are brought to 2 mm pixels
 and locally contrast-normalised (minus a 12 mm Gaussian mean, divided by the local standard
 deviation), which removes exposure, gain, offset, soft-tissue thickness and most of a gamma. Each site
 template (the site's truth landmarks plus a margin of context) is then matched by normalised
@@ -38,6 +39,11 @@ from scipy import fft as sp_fft
 from scipy import ndimage
 
 from ..findings import SiteLocation
+from . import localize_net
+from .localize_atlas import AtlasError, load_atlas
+from .localize_common import usable_image
+from .localize_common import normalise as _normalise
+from .localize_common import resample as _resample
 
 WORK_MM = 2.0
 COARSE = 2  # the exhaustive search runs at COARSE * WORK_MM
@@ -48,11 +54,8 @@ FINE_ANGLES = (-2.5, 0.0, 2.5)
 # Atlas margin (rows, cols) around a site's landmarks: lumbar templates reach T12 and the sacrum,
 # which tell the levels apart.
 CONTEXT_MM = {"hip": (24.0, 24.0), "lumbar": (55.0, 30.0)}
-NORMALISE_SIGMA_MM = 12.0
-SMOOTH_MM = 2.0
 NCC_FLOOR, NCC_GOOD = 0.38, 0.62  # correlation mapped to confidence 0 and 1
 PAD_FRACTION = 0.35  # how far (of a template's size) a site may hang over the image edge
-MIN_EXTENT_MM = 80.0  # smaller images cannot hold a site
 HIP_SIDE_FRACTION = 0.62  # a hip is searched in this fraction of the width on its side
 PAIR_OK, PAIR_SLACK = 0.10, 0.15  # femur pair geometry error that costs nothing / everything
 LEARNED_GATE = 0.5  # below this learned confidence a site is also tried with the atlas
@@ -74,36 +77,17 @@ class _Match:
     angle: float  # degrees
 
 
-def _resample(image: np.ndarray, spacing_mm: tuple[float, float], target_mm: float) -> np.ndarray:
-    """Area-average to `target_mm` pixels: integer block means, then a small linear zoom."""
-    img = np.asarray(image, dtype=np.float32)
-    blocks = [max(1, int(target_mm / s)) for s in spacing_mm]
-    rows, cols = (img.shape[0] // blocks[0]) * blocks[0], (img.shape[1] // blocks[1]) * blocks[1]
-    img = img[:rows, :cols].reshape(rows // blocks[0], blocks[0], cols // blocks[1], blocks[1]).mean(axis=(1, 3))
-    zoom = [s * b / target_mm for s, b in zip(spacing_mm, blocks)]
-    return ndimage.zoom(img, zoom, order=1) if any(abs(z - 1) > 1e-3 for z in zoom) else img
-
-
-def _normalise(img: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """Local contrast normalisation: invariant to offset, gain and slow soft-tissue gradients."""
-    sigma = NORMALISE_SIGMA_MM / pixel_mm
-    img = ndimage.gaussian_filter(img, SMOOTH_MM / pixel_mm)  # texture and noise are not landmarks
-    centred = img - ndimage.gaussian_filter(img, sigma)
-    spread = np.sqrt(ndimage.gaussian_filter(centred * centred, sigma)) + 1e-6
-    out = centred / (spread + 0.1 * float(np.median(spread)))
-    return np.clip(out, -3, 3).astype(np.float32)
-
-
 @lru_cache(maxsize=None)
 def _templates(region: str, view: str) -> dict[str, _Template]:
     """Site templates cut from the atlas, keyed by site name (hip sites by the side the atlas shows)."""
-    from ..synth.phantoms import mean_anatomy  # the atlas is drawn by the phantom generator
-
     kind = "hip" if region == "hip" else "lumbar"
-    att, grid_mm, marks = mean_anatomy(kind, view)
-    atlas = _normalise(_resample(att, (grid_mm, grid_mm), WORK_MM), WORK_MM)
+    shipped = load_atlas(kind, view)
+    if abs(shipped.pixel_mm - WORK_MM) > 1e-9:
+        raise AtlasError(f"the {kind} {view} atlas is at {shipped.pixel_mm} mm, the localiser works at {WORK_MM} mm: "
+                         "rebuild it (scripts/build_localiser_atlas.py)")
+    atlas = _normalise(shipped.attenuation, WORK_MM)
     out = {}
-    for site, points_mm in marks.items():
+    for site, points_mm in shipped.landmarks_mm.items():
         pts = points_mm / WORK_MM
         margin = np.array(CONTEXT_MM[kind]) / WORK_MM
         r0, c0 = np.floor(pts.min(axis=0) - margin).astype(int)
@@ -262,8 +246,6 @@ def _locate_lumbar(work, view, to_source, shape) -> list[SiteLocation]:
 def warm_up() -> None:
     """Load the learned localiser and build every atlas now (about 1.5 s), so that a worker pays it
     at start-up, not on a study."""
-    from . import localize_net
-
     localize_net.warm_up()
     for region, view in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
         _templates(region, view)
@@ -280,8 +262,6 @@ def locate_sites(image: np.ndarray, spacing_mm: tuple[float, float], region: str
     `patient_left_on_image_right` from PatientOrientation, `image_laterality` the header's
     ImageLaterality/Laterality if any. An unsupported region/view or an unusable image gives an
     empty list; anatomy that is not there gives low confidence."""
-    from . import localize_net
-
     learned = localize_net.locate_sites_learned(image, spacing_mm, region, view,
                                                 patient_left_on_image_right=patient_left_on_image_right)
     if learned is not None and all(loc.confidence >= LEARNED_GATE for loc in learned):
@@ -307,19 +287,6 @@ def _check_laterality(found: list[SiteLocation], region: str, image_laterality: 
         if loc.site != named:
             loc.confidence *= LATERALITY_MISMATCH
     return found
-
-
-def usable_image(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str) -> np.ndarray | None:
-    """The image as float32 when a site of region/view could be found in it at all (supported view,
-    2-D, finite, positive spacing, large enough to hold a site), else None. Both localisers start here."""
-    if (region, view) not in (("hip", "ap"), ("lumbar", "ap"), ("lumbar", "lat")):
-        return None
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 2 or min(spacing_mm) <= 0 or not np.isfinite(img).all():
-        return None
-    if min(n * s for n, s in zip(img.shape, spacing_mm)) < MIN_EXTENT_MM:
-        return None
-    return img
 
 
 def locate_sites_atlas(image: np.ndarray, spacing_mm: tuple[float, float], region: str, view: str,

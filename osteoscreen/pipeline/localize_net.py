@@ -4,7 +4,7 @@ Input
 -----
 The image as the pipeline gives it (bone bright, any offset, gain and pixel size) is area-averaged to
 `PIXEL_MM` (4 mm) pixels, locally contrast-normalised exactly as the atlas localiser does
-(`localize._normalise`: minus a 12 mm Gaussian mean, over the local spread) and placed in the centre
+(`localize_common.normalise`: minus a 12 mm Gaussian mean, over the local spread) and placed in the centre
 of a `CANVAS` x `CANVAS` canvas (128 x 4 mm = 512 mm, more than a 43 cm detector). A second input
 channel is 1 on the image and 0 on the padding, so that the net knows where the field ends. An
 image larger than the canvas is shrunk a little more (coarser pixels) to fit.
@@ -71,6 +71,7 @@ from scipy import ndimage
 from torch import nn
 
 from ..findings import SiteLocation
+from .localize_common import normalise, usable_image  # shared with the atlas localiser (`localize`)
 
 PIXEL_MM = 4.0
 CANVAS = 128
@@ -177,12 +178,6 @@ def to_coarse(image: np.ndarray, spacing_mm) -> np.ndarray:
     size = coarse_size(image.shape, spacing_mm)
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     return F.adaptive_avg_pool2d(t, size)[0, 0].numpy()
-
-
-def normalise(coarse: np.ndarray, pixel_mm: float) -> np.ndarray:
-    from .localize import _normalise  # the atlas localiser's normalisation, shared
-
-    return _normalise(coarse, pixel_mm)
 
 
 def place(normalised: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
@@ -309,7 +304,6 @@ def locate_sites_learned(image: np.ndarray, spacing_mm: tuple[float, float], reg
     model = loaded()
     if model is None:
         return None
-    from .localize import usable_image  # shared with the atlas localiser
     img = usable_image(image, spacing_mm, region, view)
     if img is None:
         return []

@@ -24,10 +24,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
 from ..findings import SITES, who_category
+from .anatomy import Patient, draw_neck_t, draw_patient
 from .dicom_writer import ImageInfo, PatientInfo, StudyInfo, build_dataset, write_dataset
+from .exposure import _box, expose, render, upsample_mask
 from .implants import HIP_IMPLANT_KINDS, draw_foreign_bodies, draw_fusion, draw_hip_implant
-from .phantoms import (LUMBAR_FINDINGS, Patient, StudyExtras, draw_lumbar_findings, draw_neck_t, draw_patient,
-                       expose, render, upsample_mask, _box)
+from .lumbar import LUMBAR_FINDINGS, StudyExtras, draw_lumbar_findings
 from .profiles import HELD_OUT_PROFILE, PROFILES, TRAINING_PROFILES, ScannerProfile, draw_profile, get_profile
 
 __all__ = ["SynthImage", "SiteTruth", "make_study", "synthesize", "MANIFEST_COLUMNS", "KINDS", "ScannerProfile",
