@@ -27,6 +27,10 @@ through psycopg (one transaction `SELECT id … ORDER BY id LIMIT 1 FOR UPDATE S
 `UPDATE … SET state='running'`, one transaction `UPDATE … SET state='done'`), the floor any
 implementation of this queue pays; ours also re-reads the claimed row, updates the study, and pings the
 connection on checkout. Jobs/s = jobs / wall time from releasing the claimers to the last one finishing.
+The same again in batches of 4, as the worker claims (`worker_batch_studies`): `claim_jobs(limit=4)`,
+then `complete_job` per job in its own session; the reference claims 4 with one SELECT … LIMIT 4 FOR
+UPDATE SKIP LOCKED + UPDATE … RETURNING and completes each in its own transaction. The issue's target
+(≥ 1000 jobs/s with 4 claimers and ≥ 0.7× the floor) is read off the batched rows.
 """
 from __future__ import annotations
 
@@ -194,8 +198,8 @@ def _screen(k: int, workers: int, storage: Path, db_url: str | None, logs: Path,
 
 
 # -- claim rate ---------------------------------------------------------------------------------------
-def _claimer(url: str, raw_sql: bool, ready, start, results, index: int) -> None:
-    """One claimer process: claim one job, complete it, until none is left; puts its count."""
+def _claimer(url: str, raw_sql: bool, ready, start, results, index: int, batch: int = 1) -> None:
+    """One claimer process: claim up to `batch` jobs, complete each, until none is left; puts its count."""
     count = 0
     try:
         if raw_sql:
@@ -207,17 +211,19 @@ def _claimer(url: str, raw_sql: bool, ready, start, results, index: int) -> None
                 start.wait()
                 while True:
                     with conn.transaction():
-                        got = conn.execute("SELECT id FROM jobs WHERE state='queued' AND attempts < 3 "
-                                           "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED").fetchone()
-                        if got is None:
+                        got = [r[0] for r in conn.execute(
+                            "SELECT id FROM jobs WHERE state='queued' AND attempts < 3 "
+                            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (batch,)).fetchall()]
+                        if not got:
                             break
-                        won = conn.execute("UPDATE jobs SET state='running', lease_owner=%s, attempts=attempts+1, "
-                                           "lease_expires_at=now() + interval '120 seconds' "
-                                           "WHERE id=%s AND state='queued'", (owner, got[0])).rowcount
-                    if won:
+                        won = [r[0] for r in conn.execute(
+                            "UPDATE jobs SET state='running', lease_owner=%s, attempts=attempts+1, "
+                            "lease_expires_at=now() + interval '120 seconds' "
+                            "WHERE id = ANY(%s) AND state='queued' RETURNING id", (owner, got)).fetchall()]
+                    for job_id in won:
                         with conn.transaction():
                             conn.execute("UPDATE jobs SET state='done', finished_at=now() "
-                                         "WHERE id=%s AND lease_owner=%s AND state='running'", (got[0], owner))
+                                         "WHERE id=%s AND lease_owner=%s AND state='running'", (job_id, owner))
                         count += 1
         else:
             from sqlalchemy import text
@@ -232,18 +238,20 @@ def _claimer(url: str, raw_sql: bool, ready, start, results, index: int) -> None
             start.wait()
             while True:
                 with db.session() as s:
-                    jobs = queue.claim_jobs(s, owner, 120, 3, limit=1)
-                    if not jobs:
-                        break
-                    if queue.complete_job(s, jobs[0].id, owner, [], [], None, None):
-                        count += 1
+                    jobs = queue.claim_jobs(s, owner, 120, 3, limit=batch)
+                if not jobs:
+                    break
+                for job in jobs:  # as the worker does: each job completed in its own session
+                    with db.session() as s:
+                        if queue.complete_job(s, job.id, owner, [], [], None, None):
+                            count += 1
             db.dispose()
         results.put((index, count, None))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         results.put((index, count, f"{type(exc).__name__}: {exc}"))
 
 
-def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar) -> dict:
+def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar, batches: tuple[int, ...] = (1, 4)) -> dict:
     from sqlalchemy import text
     from osteoscreen.store.db import Database
     from osteoscreen.store.models import Job, Study
@@ -258,37 +266,36 @@ def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar) -> dict:
             s.commit()
         db.dispose()
         ctx = multiprocessing.get_context("fork")
-        for raw_sql in (False, True):
-            for c in claimers:
-                db = Database(pg.url, migrate=False)
-                with db.session() as s:
-                    s.execute(text("UPDATE jobs SET state='queued', attempts=0, lease_owner=NULL, "
-                                   "lease_expires_at=NULL, finished_at=NULL"))
-                    s.execute(text("UPDATE studies SET status='queued'"))
-                    s.commit()
-                db.dispose()
-                ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-                procs = [ctx.Process(target=_claimer, args=(pg.url, raw_sql, ready, start, results, i))
-                         for i in range(c)]
-                for p in procs:
-                    p.start()
-                for _ in procs:  # every claimer connected and waiting at the start line
-                    ready.get(timeout=60)
-                t0 = time.perf_counter()
-                start.set()
-                got = [results.get(timeout=600) for _ in procs]
-                elapsed = time.perf_counter() - t0
-                for p in procs:
-                    p.join(30)
-                errors = [e for _, _, e in got if e]
-                if errors:
-                    raise RuntimeError(f"claimer failed: {errors[0]}")
-                total = sum(n for _, n, _ in got)
-                if total != n_jobs:
-                    raise RuntimeError(f"{'raw' if raw_sql else 'orm'} x{c}: {total} jobs completed, expected {n_jobs}")
-                out[f"{'raw' if raw_sql else 'ours'}_{c}"] = {"jobs_per_s": n_jobs / elapsed, "elapsed_s": elapsed,
-                                                              "per_claimer": sorted(n for _, n, _ in got)}
-                bar.update()
+        for raw_sql, c, batch in ((r, c, b) for b in batches for r in (False, True) for c in claimers):
+            db = Database(pg.url, migrate=False)
+            with db.session() as s:
+                s.execute(text("UPDATE jobs SET state='queued', attempts=0, lease_owner=NULL, "
+                               "lease_expires_at=NULL, finished_at=NULL"))
+                s.execute(text("UPDATE studies SET status='queued'"))
+                s.commit()
+            db.dispose()
+            ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=_claimer, args=(pg.url, raw_sql, ready, start, results, i, batch))
+                     for i in range(c)]
+            for p in procs:
+                p.start()
+            for _ in procs:  # every claimer connected and waiting at the start line
+                ready.get(timeout=60)
+            t0 = time.perf_counter()
+            start.set()
+            got = [results.get(timeout=600) for _ in procs]
+            elapsed = time.perf_counter() - t0
+            for p in procs:
+                p.join(30)
+            errors = [e for _, _, e in got if e]
+            if errors:
+                raise RuntimeError(f"claimer failed: {errors[0]}")
+            total = sum(n for _, n, _ in got)
+            if total != n_jobs:
+                raise RuntimeError(f"{'raw' if raw_sql else 'orm'} x{c}: {total} jobs completed, expected {n_jobs}")
+            out[f"{'raw' if raw_sql else 'ours'}_{c}" + (f"_batch{batch}" if batch > 1 else "")] = {"jobs_per_s": n_jobs / elapsed, "elapsed_s": elapsed,
+                                                          "per_claimer": sorted(n for _, n, _ in got)}
+            bar.update()
     return out
 
 
@@ -354,6 +361,16 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                     note="largest VmHWM (whole life, model load included) of any `osteoscreen work` process, "
                          "batches of worker_batch_studies=4 full-size studies"))
     if "claim_rate" in raw:
+        for c in claimers:
+            key = f"{c}_batch4"
+            ours, ref = raw["claim_rate"][f"ours_{key}"]["jobs_per_s"], raw["claim_rate"][f"raw_{key}"]["jobs_per_s"]
+            rows.append(row(f"queue claims/s on PostgreSQL, {c} claimer{'s' if c > 1 else ''}, batches of 4", ours,
+                            "jobs/s", reference="raw SQL SKIP LOCKED floor, batches of 4", reference_value=ref,
+                            target="≥ 1000 jobs/s and ≥ 0.7× the floor" if c == 4 else None,
+                            met=(ours >= 1000 and ours >= 0.7 * ref) if c == 4 else None,
+                            note="as the worker claims (worker_batch_studies 4): claim_jobs(limit=4), then "
+                                 "complete_job per job in its own session; the reference claims 4 with one "
+                                 "SELECT … LIMIT 4 FOR UPDATE SKIP LOCKED + UPDATE … RETURNING, then one UPDATE per job"))
         for c in claimers:
             ours, ref = raw["claim_rate"][f"ours_{c}"]["jobs_per_s"], raw["claim_rate"][f"raw_{c}"]["jobs_per_s"]
             rows.append(row(f"queue claims/s on PostgreSQL, {c} claimer{'s' if c > 1 else ''}", ours, "jobs/s",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -122,9 +122,7 @@ def claim_jobs(session: Session, owner: str, lease_seconds: float, max_attempts:
     its worker process takes the jobs batched with it down once, never again, and is then retried on
     its own until set aside after max_attempts."""
     now = utcnow()
-    claimable = or_(Job.state == "queued", (Job.state == "running") & (Job.lease_expires_at < now))
-    rows = session.execute(select(Job.id, Job.attempts).where(claimable, Job.attempts < max_attempts)
-                           .order_by(Job.id).limit(max(1, limit)).with_for_update(skip_locked=True)).all()
+    rows = session.execute(_CANDIDATES, {"now": now, "max_attempts": max_attempts, "limit": max(1, limit)}).all()
     if rows and rows[0].attempts > 0:
         candidates = [rows[0].id]
     else:
@@ -132,16 +130,36 @@ def claim_jobs(session: Session, owner: str, lease_seconds: float, max_attempts:
     if not candidates:
         session.commit()  # ends the (empty) transaction; a rollback would expire objects the caller holds
         return []
-    # One UPDATE … RETURNING takes them all and hands back the rows: the queue's hot path is two
-    # statements and a commit, as a hand-written SKIP LOCKED queue's is. The condition is repeated
-    # so that on SQLite, where FOR UPDATE is a no-op, a job another worker won meanwhile is not taken.
-    won = session.scalars(update(Job).where(Job.id.in_(candidates), claimable)
-                          .values(state="running", lease_owner=owner, attempts=Job.attempts + 1,
-                                  lease_expires_at=now + timedelta(seconds=lease_seconds))
-                          .returning(Job).execution_options(synchronize_session=False,
-                                                            populate_existing=True)).all()
+    lease = now + timedelta(seconds=lease_seconds)
+    won = session.execute(_TAKE, {"ids": candidates, "now": now, "owner": owner, "lease": lease}).all()
     session.commit()
-    return sorted(won, key=lambda j: j.id)
+    # the claimed rows as (detached) Job objects: what the worker reads of them is here
+    return sorted((Job(id=r.id, study_id=r.study_id, attempts=r.attempts, state="running", lease_owner=owner,
+                       lease_expires_at=lease) for r in won), key=lambda j: j.id)
+
+
+# The queue's hot path, built once (SQLAlchemy Core on the table: no ORM unit of work, a compiled-cache
+# hit per call): candidates locked with FOR UPDATE SKIP LOCKED (a no-op on SQLite, where writes are
+# serialised), then one UPDATE … RETURNING that takes them. The claimable condition is repeated in
+# the UPDATE so that on SQLite a job another worker won meanwhile is not taken. Two statements and a
+# commit per claim, as a hand-written SKIP LOCKED queue has.
+_jobs, _studies = Job.__table__, Study.__table__
+_claimable = or_(_jobs.c.state == "queued",
+                 and_(_jobs.c.state == "running", _jobs.c.lease_expires_at < bindparam("now")))
+_CANDIDATES = (select(_jobs.c.id, _jobs.c.attempts).where(_claimable, _jobs.c.attempts < bindparam("max_attempts"))
+               .order_by(_jobs.c.id).limit(bindparam("limit")).with_for_update(skip_locked=True))
+_TAKE = (update(_jobs).where(_jobs.c.id.in_(bindparam("ids", expanding=True)), _claimable)
+         .values(state="running", lease_owner=bindparam("owner"), attempts=_jobs.c.attempts + 1,
+                 lease_expires_at=bindparam("lease"))
+         .returning(_jobs.c.id, _jobs.c.study_id, _jobs.c.attempts))
+_DONE = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.lease_owner == bindparam("owner"),
+                             _jobs.c.state == "running")
+         .values(state="done", finished_at=bindparam("at"), error=None).returning(_jobs.c.study_id))
+# only close the study if no new image re-opened it while the worker worked (one statement for both)
+_REPORTED = (update(_studies).where(_studies.c.id == bindparam("study_id"))
+             .values(status=case((_studies.c.status == "queued", "screened"), else_=_studies.c.status),
+                     reported_at=bindparam("at"), last_report_uid=bindparam("report_uid"),
+                     last_report_path=bindparam("report_path")))
 
 
 def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
@@ -208,9 +226,8 @@ def mark_orphaned_jobs_failed(session: Session, max_attempts: int) -> int:
 def complete_job(session: Session, job_id: int, owner: str, findings: list[Finding],
                  deliveries: list[Delivery], report_uid: str | None, report_path: str | None) -> bool:
     """Write results and deliveries in the same transaction that completes the job."""
-    study_id = session.scalar(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
-                              .values(state="done", finished_at=utcnow(), error=None)
-                              .returning(Job.study_id))
+    at = utcnow()
+    study_id = session.execute(_DONE, {"job_id": job_id, "owner": owner, "at": at}).scalar()
     if study_id is None:  # our lease was lost and another worker owns the job now
         session.rollback()
         return False
@@ -222,10 +239,7 @@ def complete_job(session: Session, job_id: int, owner: str, findings: list[Findi
             session.add(d)
         elif prior.state != "delivered":
             prior.path, prior.state, prior.next_attempt_at = d.path, "pending", utcnow()
-    # Only close the study if no new image re-opened it while we worked (one statement for both).
-    session.execute(update(Study).where(Study.id == study_id)
-                    .values(status=case((Study.status == "queued", "screened"), else_=Study.status),
-                            reported_at=utcnow(), last_report_uid=report_uid, last_report_path=report_path))
+    session.execute(_REPORTED, {"study_id": study_id, "at": at, "report_uid": report_uid, "report_path": report_path})
     session.commit()
     return True
 
