@@ -7,7 +7,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 
 import osteoscreen
 
@@ -64,11 +63,9 @@ def graph() -> dict[str, frozenset[str]]:
     return out
 
 
-def two_cycles(skip_prefix: str | None = None) -> list[tuple[str, str]]:
+def two_cycles() -> list[tuple[str, str]]:
     g = graph()
     found = sorted((a, b) for a in g for b in g[a] if a < b and a in g.get(b, ()))
-    if skip_prefix:
-        found = [(a, b) for a, b in found if not (a.startswith(skip_prefix) or b.startswith(skip_prefix))]
     return found
 
 
@@ -94,21 +91,7 @@ def test_pure_packages_import_no_node_store_dispatch_or_synth():
     assert not crossings, "\n".join(f"{a} imports {b}" for a, b in crossings)
 
 
-# TODO: training/train.py imports training/calibrate.py inside a function (the training run's
-# calibration step) and calibrate imports train's batch helpers at the top. Move those helpers to a
-# module both import, then empty this set.
-KNOWN_CYCLES = {("osteoscreen.training.calibrate", "osteoscreen.training.train")}
-
-
-def test_no_new_pair_of_modules_imports_each_other():
-    """No two modules import each other (function-local imports included), apart from KNOWN_CYCLES.
-    TODO(cli package): names under osteoscreen.cli are left to test_no_two_modules_import_each_other
-    while cli becomes a package (osteoscreen.cli and its cli_* modules imported each other)."""
-    cycles = [c for c in two_cycles(skip_prefix="osteoscreen.cli") if c not in KNOWN_CYCLES]
-    assert not cycles, "modules that import each other:\n" + "\n".join(f"{a} <-> {b}" for a, b in cycles)
-
-
-@pytest.mark.xfail(strict=False, reason="cli package in progress; training.calibrate <-> training.train")
 def test_no_two_modules_import_each_other():
+    """Function-local imports included: the flow runs one way."""
     cycles = two_cycles()
     assert not cycles, "modules that import each other:\n" + "\n".join(f"{a} <-> {b}" for a, b in cycles)

@@ -30,7 +30,7 @@ from .dataset import REGION_OUTPUTS, Samples, extract_samples
 from .evaluate import evaluate_arrays, wilson_ci
 from .recalibrate import Labelled, bins_of, cross_fit, fit_corrections, fit_temperature_weighted, class_weights, \
     residuals_by_bin
-from .train import normalise_batch, predict_logits
+from .batches import normalise_batch, predict_logits
 
 MIN_CROPS = 20  # crops (after the localiser) for any adaptation
 MIN_LABELLED_STUDIES = 20  # labelled studies for a supervised recalibration

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..findings import CLASSES
-from ..model.inference import TTA_VIEWS, mahalanobis, pick_device, tta_batch
+from ..model.inference import mahalanobis, pick_device
 from ..model.network import OsteoNet
 from ..pipeline.crops import SITE_TYPES
 from .augment import augment
+from .batches import _tensors, predict_logits
 from .dataset import REGION_OUTPUTS, Samples, extract_samples
 from .evaluate import evaluate_arrays, write_plots
 from .modelcard import write_model_card
@@ -116,40 +117,6 @@ def drop_covariates(cov: torch.Tensor, p: float, gen: torch.Generator) -> torch.
     cov[drop[:, 1], 2:5] = torch.tensor([0.0, 0.0, 1.0])
     cov[drop[:, 2], 5:7] = torch.tensor([0.0, 1.0])
     return cov
-
-
-def normalise_batch(raw: torch.Tensor) -> torch.Tensor:
-    mu = raw.mean(dim=(2, 3), keepdim=True)
-    sd = raw.std(dim=(2, 3), keepdim=True) + 1e-6
-    return ((raw - mu) / (2.0 * sd)).clamp(-1, 1)
-
-
-def _tensors(s: Samples, device):
-    targets = np.concatenate([s.t_scores[:, None], s.region_t_scores], axis=1).astype(np.float32)
-    return (torch.from_numpy(s.crops)[:, None], torch.from_numpy(s.covariates),
-            torch.from_numpy(s.site_types), torch.from_numpy(s.labels), torch.from_numpy(targets))
-
-
-@torch.no_grad()
-def predict_logits(net: OsteoNet, s: Samples, device, batch: int = 256, tta: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits (N×3), normalised T outputs (N×K), pooled features (N×F) and implant logits (N), the
-    way the node computes them (model.inference: logits and T averaged over the TTA views when `tta`)."""
-    net.eval()
-    x, cov, st, _, _ = _tensors(s, device)
-    logits, ts, embs, implants = [], [], [], []
-    for i in range(0, len(s), batch):
-        xb, cb, sb = normalise_batch(x[i:i + batch]).to(device), cov[i:i + batch].to(device), st[i:i + batch].to(device)
-        fmap = net.features(xb)
-        lg, t, implant = net.heads(fmap, cb, sb)
-        if tta:
-            for view in TTA_VIEWS[1:]:
-                lg2, t2 = net(tta_batch(xb, *view), cb, sb)
-                lg, t = lg + lg2, t + t2
-            lg, t = lg / len(TTA_VIEWS), t / len(TTA_VIEWS)
-        logits.append(lg.cpu()), ts.append(t.cpu()), embs.append(fmap.mean(dim=(2, 3)).cpu())
-        implants.append(implant.cpu())
-    return torch.cat(logits), torch.cat(ts), torch.cat(embs), torch.cat(implants)
 
 
 def fit_ood(train_emb: np.ndarray, train_types: np.ndarray, val_emb: np.ndarray, val_types: np.ndarray,
