@@ -7,7 +7,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-
 import osteoscreen
 
 PACKAGE_DIR = Path(osteoscreen.__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""The spool's durable files and the receive file's early writeback (store/spool.py, node/listener.py)."""
+"""The spool's durable files and the receive file's early writeback (store/spool.py, node/intake.py)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from osteoscreen.node import listener
+from osteoscreen.node import intake
 from osteoscreen.store.spool import Spool, start_writeback
 
 
@@ -56,19 +56,19 @@ def test_the_receive_file_starts_writeback_every_mib_over_the_whole_file(tmp_pat
     writeback is started for contiguous ranges, each at least WRITEBACK_BYTES, that cover what was
     written up to the last full step, and the file's bytes are exactly what was written."""
     calls = []
-    real = listener.start_writeback
+    real = intake.start_writeback
 
     def recording(fd, offset, nbytes):
         calls.append((offset, nbytes))
         return real(fd, offset, nbytes)
 
-    monkeypatch.setattr(listener, "start_writeback", recording)
-    rx = listener._ReceiveFile(tmp_path, max_bytes=0, min_free_mb=0)
+    monkeypatch.setattr(intake, "start_writeback", recording)
+    rx = intake._ReceiveFile(tmp_path, max_bytes=0, min_free_mb=0)
     chunks = [b"\0" * 128, b"DICM", b"m" * 200] + [os.urandom(131066) for _ in range(40)]  # ~5.2 MB
     for chunk in chunks:
         assert rx.write(chunk) == len(chunk)
     rx.close()
-    total, step, largest = sum(len(c) for c in chunks), listener.WRITEBACK_BYTES, max(len(c) for c in chunks)
+    total, step, largest = sum(len(c) for c in chunks), intake.WRITEBACK_BYTES, max(len(c) for c in chunks)
     assert len(calls) >= total // (step + largest) >= 3
     assert calls[0][0] == 0 and all(step <= n < step + largest for _, n in calls)
     assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))  # contiguous, no gap, no overlap
@@ -79,8 +79,8 @@ def test_the_receive_file_starts_writeback_every_mib_over_the_whole_file(tmp_pat
 
 def test_a_refused_receive_file_starts_no_writeback(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(listener, "start_writeback", lambda *a: calls.append(a) or True)
-    rx = listener._ReceiveFile(tmp_path, max_bytes=512 << 10, min_free_mb=0)
+    monkeypatch.setattr(intake, "start_writeback", lambda *a: calls.append(a) or True)
+    rx = intake._ReceiveFile(tmp_path, max_bytes=512 << 10, min_free_mb=0)
     for chunk in [b"\0" * 128, b"DICM", b"m" * 200] + [b"x" * 131066] * 20:
         rx.write(chunk)
     rx.close()
