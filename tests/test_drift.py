@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from datetime import timedelta
 
 import numpy as np
@@ -19,7 +18,8 @@ from osteoscreen.monitor import watch
 from osteoscreen.monitor.signals import SiteRecord, Window, compare, moved
 from osteoscreen.store.db import Database
 
-from .test_dashboard import PASSWORDS, chromium, make_app, sign_in
+from .browser import served, signed_in_page
+from .test_dashboard import make_app, sign_in
 from .test_node_e2e import OSTEOSCREEN, NodeProcess, Peer, storescu, wait_for, write_study
 
 
@@ -151,33 +151,13 @@ def _metrics_and_pages(tmp_path, node):
 
 
 def _drift_in_chromium(app):
-    playwright = pytest.importorskip("playwright.sync_api")
-    from werkzeug.serving import make_server
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(20_000)
-                page.goto(base + "/drift")
-                page.fill("input[name=username]", "bob")
-                page.fill("input[name=password]", PASSWORDS["bob"])
-                page.click("button[type=submit]")
-                page.wait_for_url(base + "/drift")
-                row = page.locator("#groups tbody tr", has_text=GROUP_A)
-                assert "silent" in row.inner_text()
-                assert page.locator(f"svg[aria-label='Drift watch: {GROUP_A}']").is_visible()
-                row.locator("a").click()
-                page.wait_for_url("**/drift/history**")
-                assert "drift" in page.inner_text("#history") and "ok" in page.inner_text("#history")
-            finally:
-                browser.close()
-    finally:
-        server.shutdown()
+    with served(app) as base, signed_in_page(base, "/drift", "bob") as page:
+        row = page.locator("#groups tbody tr", has_text=GROUP_A)
+        assert "silent" in row.inner_text()
+        assert page.locator(f"svg[aria-label='Drift watch: {GROUP_A}']").is_visible()
+        row.locator("a").click()
+        page.wait_for_url("**/drift/history**")
+        assert "drift" in page.inner_text("#history") and "ok" in page.inner_text("#history")
 
 
 def test_the_watch_needs_two_windows(tmp_path):

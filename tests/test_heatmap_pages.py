@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -27,7 +26,8 @@ from osteoscreen.store.models import AuditEvent, Delivery, Study
 from osteoscreen.web import heatmap_pages
 
 from .seed import DESTINATION, seed, uid
-from .test_dashboard import PASSWORDS, chromium, make_app, sign_in
+from .browser import served, signed_in_page
+from .test_dashboard import make_app, sign_in
 from .test_reports import findings_for, make_dx
 
 MODEL = ModelInfo("osteoscreen-osteonet", "0.3.0", "0123456789abcdef" * 4)  # the seeded findings' version
@@ -223,47 +223,25 @@ def test_a_monochrome_image_renders_grey_through_its_window(photometric, tmp_pat
 
 @pytest.mark.slow
 def test_heatmap_thumbnails_load_in_chromium(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    from werkzeug.serving import make_server
-
     with heatmapped(tmp_path, f"sqlite:///{tmp_path / 'browser.db'}") as data:
-        _in_chromium(playwright, make_server, data)
+        _in_chromium(data)
         assert [e.peer for e in audits(data["db"], "web_view_heatmap")] == ["web:bob"]
 
 
-def _in_chromium(playwright, make_server, data) -> None:
-    server = make_server("127.0.0.1", 0, data["app"], threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(20_000)
-                page.goto(base + f"/studies/{uid(4)}")
-                page.fill("input[name=username]", "bob")
-                page.fill("input[name=password]", PASSWORDS["bob"])
-                page.click("button[type=submit]")
-                page.wait_for_url(base + f"/studies/{uid(4)}")
-                img = page.locator(f"#heatmaps li[data-heatmap='{data['uid']}'] img")
-                img.scroll_into_view_if_needed()
-                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())
-                assert max(img.evaluate("i => [i.naturalWidth, i.naturalHeight]")) == heatmap_pages.THUMB
-                assert "NOT FOR DIAGNOSTIC USE" in img.get_attribute("alt")
-                assert "Heatmap removed by retention" in page.inner_text("#heatmaps")
+def _in_chromium(data) -> None:
+    with served(data["app"]) as base, signed_in_page(base, f"/studies/{uid(4)}", "bob") as page:
+        img = page.locator(f"#heatmaps li[data-heatmap='{data['uid']}'] img")
+        img.scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle())
+        assert max(img.evaluate("i => [i.naturalWidth, i.naturalHeight]")) == heatmap_pages.THUMB
+        assert "NOT FOR DIAGNOSTIC USE" in img.get_attribute("alt")
+        assert "Heatmap removed by retention" in page.inner_text("#heatmaps")
 
-                with page.context.expect_page() as opened:
-                    page.locator(f"#heatmaps li[data-heatmap='{data['uid']}'] a").click()
-                full = opened.value
-                full.wait_for_load_state()
-                assert full.url == base + url(data["uid"], "full")
-                full.wait_for_function("document.images.length > 0 && document.images[0].complete")
-                assert full.evaluate("[document.images[0].naturalWidth, document.images[0].naturalHeight]") == \
-                    [int(data["ds"].Columns), int(data["ds"].Rows)]
-            finally:
-                browser.close()
-    finally:
-        server.shutdown()
-        thread.join(10)
+        with page.context.expect_page() as opened:
+            page.locator(f"#heatmaps li[data-heatmap='{data['uid']}'] a").click()
+        full = opened.value
+        full.wait_for_load_state()
+        assert full.url == base + url(data["uid"], "full")
+        full.wait_for_function("document.images.length > 0 && document.images[0].complete")
+        assert full.evaluate("[document.images[0].naturalWidth, document.images[0].naturalHeight]") == \
+            [int(data["ds"].Columns), int(data["ds"].Rows)]

@@ -444,43 +444,32 @@ def test_performance_page_and_the_admins_upload(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_performance_page_in_chromium(tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     from osteoscreen.web.server import WebServer
 
-    from .test_dashboard import PASSWORDS, chromium, make_app
+    from .browser import signed_in_page
+    from .test_dashboard import make_app
     url = f"sqlite:///{tmp_path / 'o.db'}"
     fill(url)
     _, settings, db = make_app(tmp_path, url)
     settings.web.port = 0
-    server = WebServer(settings, db)
+    server = WebServer(settings, db)  # the dashboard's own server (waitress), as `osteoscreen web` runs it
     server.start()
     base = f"http://127.0.0.1:{server.port}"
     csv_path = tmp_path / "dxa.csv"
     csv_path.write_text(DXA_CSV)
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(20_000)
-                page.goto(base + "/performance")
-                page.fill("input[name=username]", "alice")
-                page.fill("input[name=password]", PASSWORDS["alice"])
-                page.click("button[type=submit]")
-                page.wait_for_url(base + "/performance")
-                assert page.inner_text("#outcome-counts").startswith("0 matched")
-                page.click("nav a:has-text('Performance')")
-                page.set_input_files("#outcomes-upload input[type=file]", str(csv_path))
-                page.click("#outcomes-upload button[type=submit]")
-                page.wait_for_selector(".flash")
-                assert "Imported 8 DXA result(s)" in page.inner_text(".flash")
-                assert page.inner_text("#outcome-counts").startswith("5 matched")
-                total = page.locator("#performance tr[data-group='all']")
-                assert total.locator(".n").inner_text() == "7"
-                assert total.locator(".sensitivity").inner_text().startswith("50 %")
-                assert page.locator("#unmatched tbody tr").count() == 3
-            finally:
-                browser.close()
+        with signed_in_page(base, "/performance", "alice") as page:
+            assert page.inner_text("#outcome-counts").startswith("0 matched")
+            page.click("nav a:has-text('Performance')")
+            page.set_input_files("#outcomes-upload input[type=file]", str(csv_path))
+            page.click("#outcomes-upload button[type=submit]")
+            page.wait_for_selector(".flash")
+            assert "Imported 8 DXA result(s)" in page.inner_text(".flash")
+            assert page.inner_text("#outcome-counts").startswith("5 matched")
+            total = page.locator("#performance tr[data-group='all']")
+            assert total.locator(".n").inner_text() == "7"
+            assert total.locator(".sensitivity").inner_text().startswith("50 %")
+            assert page.locator("#unmatched tbody tr").count() == 3
     finally:
         server.stop()
         db.dispose()
