@@ -56,6 +56,20 @@ def key_matches(parsed: dict[str, str], ds) -> bool:
     return True
 
 
+class ScannerKeys:
+    """Scanner keys, most specific first (serial or station before the model alone): `match(ds)` is
+    the key an image comes under, as calibrations apply and the drift watch groups, or None."""
+
+    def __init__(self, keys):
+        self._parsed = sorted(((k, parse_scanner_key(k)) for k in keys), key=lambda kp: -len(kp[1]))
+
+    def match(self, ds) -> str | None:
+        return next((key for key, parsed in self._parsed if key_matches(parsed, ds)), None)
+
+    def __iter__(self):
+        return (key for key, _ in self._parsed)
+
+
 def _number(value) -> float | None:
     """A header value as a finite float (the first of a multi-valued one), else None."""
     if value is not None and not isinstance(value, (str, bytes)):

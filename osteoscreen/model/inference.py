@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..findings import ModelInfo
-from .calibration import SITE_TYPE_NAMES, Calibration, CalibrationError, key_matches, parse_scanner_key, weights_hash
+from ..equipment import ScannerKeyError, ScannerKeys
+from .calibration import SITE_TYPE_NAMES, Calibration, CalibrationError, weights_hash
 from .network import OsteoNet
 
 log = logging.getLogger("osteoscreen.model")
@@ -271,16 +272,17 @@ class ScannerModels:
         self.default = base.with_calibration(default) if default is not None else None
         self.info = base.info
         self.require_calibration = require_calibration
-        self.entries = []
-        for key, cal in (calibrations or {}).items():
-            parsed = parse_scanner_key(key)
-            self.entries.append((len(parsed), parsed, base.with_calibration(cal)))
-        self.entries.sort(key=lambda e: -e[0])
+        calibrations = calibrations or {}
+        try:
+            self.keys = ScannerKeys(calibrations)
+        except ScannerKeyError as exc:
+            raise CalibrationError(str(exc)) from None
+        self.entries = {key: base.with_calibration(cal) for key, cal in calibrations.items()}
 
     def for_dataset(self, ds) -> LoadedModel | None:
-        for _, parsed, view in self.entries:
-            if key_matches(parsed, ds):
-                return view
+        key = self.keys.match(ds)
+        if key is not None:
+            return self.entries[key]
         if self.default is not None:
             return self.default
         return None if self.require_calibration else self.base

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..config import Drift
-from ..equipment import ScannerKeyError, key_matches, parse_scanner_key
+from ..equipment import ScannerKeyError, ScannerKeys, parse_scanner_key
 from ..store.models import DriftCheck, Finding, Instance, utcnow
 from .signals import SiteRecord, Window, compare, moved
 
@@ -47,27 +47,23 @@ def _header(scanner: str | None, acquisition: dict | None) -> dict:
             "StationName": acq.get("StationName"), "DeviceSerialNumber": acq.get("DeviceSerialNumber")}
 
 
-def _specificity(parsed: dict) -> int:
-    return len(parsed)
-
-
 def scanner_groups(session: Session, configured: list[str]) -> dict[str, GroupImages]:
     """Every group's screened (eligible) images, oldest first; configured groups without images too."""
-    parsed = []
+    valid = []
     for key in configured:
         try:
-            parsed.append((key, parse_scanner_key(key)))
+            parse_scanner_key(key)
+            valid.append(key)
         except ScannerKeyError:
             continue  # config validation reports it; the watch skips it
-    parsed.sort(key=lambda kp: -_specificity(kp[1]))
-    groups = {key: GroupImages(key, []) for key, _ in parsed}
+    keys = ScannerKeys(valid)
+    groups = {key: GroupImages(key, []) for key in keys}
     rows = session.execute(select(Instance.study_id, Instance.sop_instance_uid, Instance.scanner, Instance.acquisition,
                                   Instance.received_at)
                            .where(Instance.eligible.is_(True), Instance.scanner.is_not(None))
                            .order_by(Instance.received_at, Instance.id))
     for study_id, sop, scanner, acq, received in rows:
-        header = _header(scanner, acq)
-        key = next((k for k, p in parsed if key_matches(p, header)), scanner)
+        key = keys.match(_header(scanner, acq)) or scanner
         groups.setdefault(key, GroupImages(key, [])).instances.append((study_id, sop, acq or {}, received))
     return groups
 

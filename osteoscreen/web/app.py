@@ -29,7 +29,7 @@ from ..findings import REASON_TEXT, SITES
 from ..store.db import Database
 from . import auth, charts
 from .context import audit as _audit
-from .context import close_session, db_session
+from .context import close_session, db_session, query_date
 from .drift_pages import register as register_drift_pages
 from .heatmap_pages import register as register_heatmap_pages
 from .outcome_pages import register as register_outcome_pages
@@ -53,20 +53,11 @@ def _yes_no(value: str | None, name: str) -> bool | None:
     raise BadRequest(f"{name} must be yes or no")
 
 
-def _date(value: str | None, name: str) -> date | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise BadRequest(f"{name}: {value!r} is not a date (YYYY-MM-DD)") from None
-
-
 def filters_from(args) -> queries.Filters:
     """The screening filters of a query string (the names of `osteoscreen db list`'s flags)."""
     try:
         return queries.Filters(
-            since=_date(args.get("from"), "from"), until=_date(args.get("to"), "to"),
+            since=query_date(args.get("from"), "from"), until=query_date(args.get("to"), "to"),
             result=args.get("result") or None, site=args.get("site") or None,
             assessable=_yes_no(args.get("assessable"), "assessable"),
             positive=_yes_no(args.get("positive"), "positive"),
@@ -267,8 +258,8 @@ def create_app(settings: Settings, db: Database) -> Flask:
             raise BadRequest("by must be day or week")
         try:
             st = queries.statistics(session(), positive_categories=positive, by=by,
-                                    since=_date(request.args.get("from"), "from"),
-                                    until=_date(request.args.get("to"), "to"))
+                                    since=query_date(request.args.get("from"), "from"),
+                                    until=query_date(request.args.get("to"), "to"))
         except ValueError as exc:  # reversed or over-long range
             raise BadRequest(str(exc)) from None
         return render_template("stats.html", st=st, by=by, volume_svg=charts.volume_chart(st.periods),

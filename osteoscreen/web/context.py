@@ -4,7 +4,10 @@
 subject, each with a ``register(app, settings)``) call ``db_session()`` and never open their own."""
 from __future__ import annotations
 
+from datetime import date
+
 from flask import current_app, g, request
+from werkzeug.exceptions import BadRequest
 from sqlalchemy.orm import Session
 
 from ..store import queue
@@ -30,3 +33,13 @@ def audit(event: str, detail: str | None, study_uid: str | None = None) -> None:
         queue.audit(s, event, peer=f"web:{user.name}" if user else f"web:{request.remote_addr}",
                     study_uid=study_uid, detail=detail)
         s.commit()
+
+
+def query_date(value: str | None, name: str) -> date | None:
+    """A YYYY-MM-DD query parameter, None when empty; anything else is a 400 naming the parameter."""
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"{name}: {value!r} is not a date (YYYY-MM-DD)") from None

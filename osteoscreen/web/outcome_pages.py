@@ -9,7 +9,6 @@ CSRF): re-match every stored result. Both are audited by counts only.
 """
 from __future__ import annotations
 
-from datetime import date
 
 from flask import flash, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import BadRequest
@@ -17,18 +16,9 @@ from werkzeug.exceptions import BadRequest
 from ..admin import outcomes
 from ..config import Settings
 from . import auth
-from .context import audit, db_session
+from .context import audit, db_session, query_date
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
-
-
-def _day(value: str | None, name: str) -> date | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be a date YYYY-MM-DD") from None
 
 
 def register(app, settings: Settings) -> None:
@@ -41,7 +31,7 @@ def register(app, settings: Settings) -> None:
         if by not in (None, "month"):
             raise BadRequest("by must be month (of the DXA date) or absent")
         scanner = request.args.get("scanner") or None
-        since, until = _day(request.args.get("from"), "from"), _day(request.args.get("to"), "to")
+        since, until = query_date(request.args.get("from"), "from"), query_date(request.args.get("to"), "to")
         from ..admin import performance  # numpy, scipy, scikit-learn: loaded on the first visit
         try:
             report = performance.performance(db_session(), positive_categories=positive, by=by, since=since,
