@@ -19,14 +19,16 @@ demo: install
 	$(BIN)/osteoscreen demo
 
 # Real peers the tests talk to: DCMTK (storescu/storescp/dsrdump/dcmcjpeg…), dicom3tools (dciodvfy) and
-# Orthanc (the PACS of tests/test_orthanc.py, which starts its own; Orthanc is in /usr/sbin, not in every PATH);
+# Orthanc (the PACS of tests/test_orthanc.py, which starts its own; Orthanc is in /usr/sbin, not in every PATH)
+# with its DICOMweb plugin orthanc-dicomweb (the STOW-RS peer of tests/test_dicomweb*.py);
 # docker-compose validates docker/compose.yaml without a Docker daemon (tests/test_deployment.py); Debian's
 # chromium is the headless browser tests/test_dashboard.py drives through Playwright (no browser download).
 system-deps:
 	@if ! command -v storescp >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v dcmcjpls >/dev/null \
 	    || ! command -v openssl >/dev/null || ! { command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null \
-	    || ! command -v docker-compose >/dev/null || ! command -v chromium >/dev/null; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools orthanc openssl docker-compose chromium; fi
+	    || ! command -v docker-compose >/dev/null || ! command -v chromium >/dev/null \
+	    || ! test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk dicom3tools orthanc orthanc-dicomweb openssl docker-compose chromium; fi
 
 test: install system-deps
 	$(BIN)/pytest -q
