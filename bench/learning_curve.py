@@ -11,6 +11,10 @@ AUC and 90 % interval coverage of the crops it answers. A trained model's interv
 validation split, which has too few studies below n = 100 (no interval: coverage n/a).
 
     python -m bench.learning_curve [--build build/cal] [--sizes 25,50,100,200,400] [--quick]
+                                   [--methods calibrate,fine-tune,scratch]
+
+With --methods naming fewer than all three, only those are measured again and the others' figures
+are kept from the existing JSON (e.g. after a change to `calibrate` alone).
 
 Writes docs/benchmarks/learning-curve.json and .png; docs/CALIBRATION.md quotes them. Phantoms only.
 """
@@ -68,8 +72,12 @@ def score_crops(model, s) -> dict:
     return out
 
 
-def run(build: Path, sizes: list[int], quick: bool, save=None) -> dict:
-    """save(results), if given, is called after each n: a long run keeps what it has measured."""
+METHODS = ("calibrate", "fine-tune", "scratch")
+
+
+def run(build: Path, sizes: list[int], quick: bool, save=None, methods=METHODS, previous: dict | None = None) -> dict:
+    """save(results), if given, is called after each n: a long run keeps what it has measured.
+    Methods not in `methods` keep their figures from `previous`."""
     import torch
     from osteoscreen.config import DEFAULT_MODEL
     from osteoscreen.model.inference import LoadedModel
@@ -83,19 +91,23 @@ def run(build: Path, sizes: list[int], quick: bool, save=None) -> dict:
     rng.shuffle(studies)
     unlabelled_pool = studies[max(sizes):max(sizes) + 200]
     base = LoadedModel(DEFAULT_MODEL, "cpu")
+    kept = (previous or {}).get("methods", {})
     results = {"sizes": sizes, "evaluation_crops": len(evaluation), "before": score_crops(base, evaluation),
-               "methods": {"calibrate": {}, "fine-tune": {}, "scratch": {}}}
+               "methods": {m: ({} if m in methods else kept.get(m, {})) for m in METHODS},
+               "measured": {m: (time.strftime("%Y-%m-%d") if m in methods else (previous or {}).get("measured", {}).get(m))
+                            for m in METHODS}}
     epochs = {"fine-tune": 3 if quick else 15, "scratch": 4 if quick else 30}
     for n in sizes:
         labelled = _by_studies(pool, studies[:n])
         unl = _by_studies(pool, unlabelled_pool)
         unl.t_scores[:] = np.nan
         both = type(pool)(**{k: np.concatenate([getattr(labelled, k), getattr(unl, k)]) for k in labelled.__dict__})
-        t0 = time.time()
-        cal = calibrate([], DEFAULT_MODEL, samples=both, progress=False)
-        results["methods"]["calibrate"][n] = {**score_crops(base.with_calibration(cal), evaluation),
-                                              "seconds": time.time() - t0}
-        for method in ("fine-tune", "scratch"):
+        if "calibrate" in methods:
+            t0 = time.time()
+            cal = calibrate([], DEFAULT_MODEL, samples=both, progress=False)
+            results["methods"]["calibrate"][n] = {**score_crops(base.with_calibration(cal), evaluation),
+                                                  "seconds": time.time() - t0}
+        for method in [m for m in ("fine-tune", "scratch") if m in methods]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 labelled.save(out / "samples.npz")  # train reads its crop cache on --resume
@@ -107,7 +119,7 @@ def run(build: Path, sizes: list[int], quick: bool, save=None) -> dict:
                 path = train([], out, cfg, resume=True, progress=False)
                 results["methods"][method][n] = {**score_crops(LoadedModel(path, "cpu"), evaluation),
                                                  "seconds": time.time() - t0}
-        print(f"n = {n}: " + "; ".join(f"{m} {results['methods'][m][n]}" for m in results["methods"]), flush=True)
+        print(f"n = {n}: " + "; ".join(f"{m} {results['methods'][m][n]}" for m in methods), flush=True)
         if save is not None:
             save(results)
     return results
@@ -167,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--build", default="build/cal", help="folder of scripts/calibration_study.sh's phantoms")
     p.add_argument("--sizes", default="25,50,100,200,400")
     p.add_argument("--quick", action="store_true", help="few epochs: a check that it runs, not figures")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="measure only these (comma-separated); the others' figures are kept from OUT.json")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "learning-curve"))
     p.add_argument("--from-json", action="store_true", help="only draw the plot again from OUT.json")
     args = p.parse_args(argv)
@@ -186,7 +200,12 @@ def main(argv=None) -> int:
         out.with_suffix(".json").write_text(json.dumps(results, indent=1))
         plot(results, out.with_suffix(".png"))
 
-    run(build, [int(n) for n in args.sizes.split(",")], args.quick, save)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if set(methods) - set(METHODS):
+        print(f"--methods: choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else None
+    run(build, [int(n) for n in args.sizes.split(",")], args.quick, save, methods, previous)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 

@@ -14,6 +14,7 @@ from osteoscreen.cli import main
 from osteoscreen.config import DEFAULT_MODEL
 from osteoscreen.model.calibration import (Calibration, CalibrationError, parse_scanner_key, scanner_key)
 from osteoscreen.model.inference import LoadedModel, ScannerModels
+from osteoscreen.pipeline.crops import CROP_SIZE
 from osteoscreen.pipeline.screen import StudyImage, screen_studies, screen_study
 from osteoscreen.reports.read import read_sr
 from osteoscreen.synth import make_study, synthesize
@@ -294,3 +295,60 @@ def test_batchnorm_adaptation_mixes_source_and_target_and_travels_in_the_record(
     view = base.with_calibration(cal)
     assert torch.equal(view.net.stem[1].running_mean, held.stem[1].running_mean)
     assert torch.equal(base.net.stem[1].running_mean, source)  # the model itself is untouched
+
+
+def test_feature_correction_takes_what_the_line_leaves(tmp_path):
+    """Where the error varies from image to image with something the features see, the ridge on the
+    pooled features removes it and cross_fit keeps it; on features that carry nothing it gains nothing."""
+    from osteoscreen.training.recalibrate import Labelled, cross_fit
+    rng = np.random.default_rng(5)
+    n = 240
+    truth = rng.normal(-1.5, 1.1, n)
+    features = rng.normal(0, 1, (n, 12))
+    pred = truth + 0.3 + 0.5 * features[:, 0] + rng.normal(0, 0.1, n)  # processing-dependent error
+
+    def labelled(f):
+        return Labelled(t_pred=pred, t_true=truth, site_types=np.zeros(n, int), logits=np.zeros((n, 3)),
+                        groups=np.repeat(np.arange(n // 2), 2).astype(str),
+                        labels=np.where(truth <= -2.5, 2, np.where(truth < -1, 1, 0)),
+                        region_pred={}, region_true={}, features=f)
+
+    cf = cross_fit(labelled(features), 0.9)
+    hip = cf.feature_choice["hip"]
+    assert cf.feature_types == ["hip"] and hip["used"]
+    assert hip["mae_features"] < 0.5 * hip["mae_line"]  # the line cannot remove the feature-dependent part
+    assert np.abs(cf.corrected - truth).mean() == pytest.approx(hip["mae_features"])
+    noise = cross_fit(labelled(rng.normal(0, 1, (n, 12))), 0.9).feature_choice["hip"]
+    assert noise["mae_features"] > 0.9 * noise["mae_line"]  # nothing to learn: about the line's error
+
+    # applied per crop of its site type, only with the features given, and kept by the record
+    model = LoadedModel(DEFAULT_MODEL, "cpu")
+    width = model.net.arch["widths"][-1]
+    fit = {"mean": [0.0] * width, "scale": [1.0] * width, "coef": [0.5] + [0.0] * (width - 1), "intercept": 0.2,
+           "alpha": 1.0, "n": 40}
+    cal = Calibration(created="2026-12-02T10:00:00+00:00", model=model.identity(), scanner=SYNTH_D,
+                      feature_correction={"hip": fit})
+    feats = np.zeros((2, width))
+    feats[:, 0] = [1.0, 2.0]
+    assert cal.correct(np.array([-1.0, -1.0]), np.array([0, 1]), features=feats) == pytest.approx([-0.3, -1.0])
+    with pytest.raises(ValueError, match="features"):
+        cal.correct(np.array([-1.0]), np.array([0]))
+    again = Calibration.load(cal.save(tmp_path / "f.json"))
+    assert again.feature_correction == cal.feature_correction and again.id == cal.id
+    broken = again.to_json()
+    broken["feature_correction"]["hip"]["coef"] = [0.5]
+    with pytest.raises(CalibrationError, match="malformed"):
+        Calibration.from_json(broken)
+    # at inference: the site T moves by the term of the crop's own pooled features, its neck T does not
+    crops = np.random.default_rng(6).uniform(-1, 1, (2, CROP_SIZE, CROP_SIZE)).astype(np.float32)
+    cov, st = np.zeros((2, 7), np.float32), np.zeros(2, np.int64)
+    plain = model.with_calibration(Calibration(**{**cal.__dict__, "id": "", "feature_correction": {}}))
+    a, b = plain.predict(crops, cov, st), model.with_calibration(cal).predict(crops, cov, st)
+    assert b.t_scores - a.t_scores == pytest.approx(0.2 + 0.5 * a.embeddings[:, 0], abs=1e-6)
+    for name, values in (a.region_t_scores or {}).items():
+        assert b.region_t_scores[name] == pytest.approx(values, nan_ok=True)
+
+
+def test_calibrations_made_before_feature_corrections_keep_their_ids():
+    own = LoadedModel(DEFAULT_MODEL, "cpu").calibration  # the shipped model's, written before they existed
+    assert own is not None and not own.feature_correction and own.content_id() == own.id

@@ -9,6 +9,9 @@ It may hold, each part optional:
 - ``temperature``: the softmax temperature re-fitted on local DXA-labelled cases;
 - ``t_correction``: per site type a linear T-score correction ``a + b·T`` (b shrunk toward 1 when
   cases are few), fitted on local DXA-labelled cases;
+- ``feature_correction``: per site type, where the local cases support it, a ridge regression of what
+  the line leaves on the image's pooled features (``training.feature_correction``): the part of a
+  scanner's error that varies from image to image with its processing;
 - ``residuals``: per interval bin (``hip``, ``lumbar_ap``, ``lumbar_lat``, ``lumbar_fused``) the
   signed out-of-fold residuals (true − corrected estimate) from which split-conformal prediction
   intervals are made (Mondrian: one quantile per bin, by crepes).
@@ -80,6 +83,7 @@ class Calibration:
     # probabilities read off the conformal predictive distribution of the corrected T-score
     probabilities: str = "classifier"
     t_correction: dict = field(default_factory=dict)  # output ("hip", "hip:femoral_neck", …) → {intercept, slope}
+    feature_correction: dict = field(default_factory=dict)  # site type → {mean, scale, coef, intercept, alpha, n}
     residuals: dict = field(default_factory=dict)  # interval bin → signed residuals
     report: dict = field(default_factory=dict)
     created_by: str = ""
@@ -92,6 +96,8 @@ class Calibration:
     def content_id(self) -> str:
         """A short id derived from the content: the same fit gives the same id."""
         body = {k: v for k, v in asdict(self).items() if k not in ("id", "report", "created", "created_by")}
+        if not body["feature_correction"]:  # (calibrations made before it existed keep their ids)
+            del body["feature_correction"]
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=float).encode()).hexdigest()
         return f"cal-{digest[:12]}"
 
@@ -109,15 +115,24 @@ class Calibration:
                 "n_unlabelled": int(self.n.get("unlabelled_studies", 0))}
 
     # ---- application
-    def correct(self, t: np.ndarray, site_types: np.ndarray, output: str = "") -> np.ndarray:
-        """Apply the linear T-score corrections (identity where none was fitted). `output` names a
-        sub-region output ("femoral_neck"), corrected by its own fit or else by its site type's."""
+    def correct(self, t: np.ndarray, site_types: np.ndarray, output: str = "",
+                features: np.ndarray | None = None) -> np.ndarray:
+        """Apply the linear T-score corrections (identity where none was fitted), then, for the site
+        estimate (`output` ""), the feature corrections of the crops' pooled `features` (N×F; the
+        features the out-of-distribution gate reads). `output` names a sub-region output
+        ("femoral_neck"), corrected by its own line or else by its site type's."""
         t = np.asarray(t, dtype=np.float64).copy()
+        site_types = np.asarray(site_types)
+        if self.feature_correction and not output and features is None:
+            raise ValueError(f"calibration {self.id} corrects with image features: pass them")
         for index, name in enumerate(SITE_TYPE_NAMES):
             fit = self.t_correction.get(f"{name}:{output}" if output else name) or self.t_correction.get(name)
+            m = site_types == index
             if fit:
-                m = np.asarray(site_types) == index
                 t[m] = fit["intercept"] + fit["slope"] * t[m]
+            feature_fit = None if output else self.feature_correction.get(name)
+            if feature_fit and m.any():
+                t[m] += feature_term(feature_fit, np.asarray(features)[m])
         return t
 
     def class_probabilities(self, t: np.ndarray, bins: list[str]) -> np.ndarray:
@@ -193,6 +208,14 @@ class Calibration:
             raise CalibrationError(f"{source}: {exc}") from None
         if not isinstance(cal.model, dict) or "weights_sha256" not in cal.model:
             raise CalibrationError(f"{source} does not say which model it calibrates")
+        for name, fit in (cal.feature_correction or {}).items():
+            try:
+                sizes = {len(fit[k]) for k in ("mean", "scale", "coef")}
+                finite = np.isfinite([*fit["mean"], *fit["scale"], *fit["coef"], fit["intercept"]]).all()
+            except (KeyError, TypeError, ValueError):
+                sizes, finite = set(), False
+            if name not in SITE_TYPE_NAMES or len(sizes) != 1 or not finite:
+                raise CalibrationError(f"{source}: feature correction {name!r} is malformed")
         return cal
 
     @classmethod
@@ -205,6 +228,12 @@ class Calibration:
         except (OSError, ValueError) as exc:
             raise CalibrationError(f"calibration file {path} is not readable JSON: {exc}") from None
         return cls.from_json(data, str(path))
+
+
+def feature_term(fit: dict, features: np.ndarray) -> np.ndarray:
+    """A feature correction's term for each row of `features` (added to the line-corrected estimate)."""
+    x = (np.asarray(features, np.float64) - np.asarray(fit["mean"])) / np.asarray(fit["scale"])
+    return fit["intercept"] + x @ np.asarray(fit["coef"])
 
 
 def _fallback(cal: Calibration, bin_name: str) -> str | None:

@@ -193,8 +193,8 @@ class LoadedModel:
             s = crops.shape[-1] if crops.ndim == 3 else 0
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
         probs, ts, cams, embs, implant = (np.concatenate(p) for p in zip(*parts))
-        if self.calibration is not None:  # the calibration's linear T-score corrections, per site type
-            ts = np.stack([self.calibration.correct(ts[:, k], site_types, name)
+        if self.calibration is not None:  # the calibration's T-score corrections, per site type
+            ts = np.stack([self.calibration.correct(ts[:, k], site_types, name, features=embs)
                            for k, name in enumerate(["", *self.region_names])], axis=1)
             if self.calibration.probabilities == "predictive":
                 predictive = self.calibration.class_probabilities(ts[:, 0], [SITE_TYPE_NAMES[t] for t in site_types])

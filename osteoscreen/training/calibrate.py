@@ -3,8 +3,9 @@
 Rows without T-scores adapt without labels: the out-of-distribution gate is re-referenced to the
 scanner's crops (`adapt.refit_gate`) and, with `batchnorm`, the BatchNorm statistics are
 re-estimated first (`adapt.adapt_batchnorm`). Rows with DXA T-scores recalibrate
-(`recalibrate`: per-site-type T-score corrections, temperature or predictive probabilities, and
-the residuals of Mondrian conformal intervals), all cross-fitted by study. Without labels the
+(`recalibrate`: per-site-type T-score corrections, linear and, where they beat it out of fold, on
+the image features; temperature or predictive probabilities; and the residuals of Mondrian
+conformal intervals), all cross-fitted by study. Without labels the
 calibration keeps the model's own corrections and intervals, and says that their coverage at this
 scanner is unverified.
 
@@ -28,8 +29,8 @@ from ..model.inference import LoadedModel, mahalanobis
 from .adapt import DEFAULT_SITE_TYPE_SHARES, adapt_batchnorm, refit_gate
 from .dataset import REGION_OUTPUTS, Samples, extract_samples
 from .evaluate import evaluate_arrays, wilson_ci
-from .recalibrate import Labelled, bins_of, cross_fit, fit_corrections, fit_temperature_weighted, class_weights, \
-    residuals_by_bin
+from .recalibrate import Labelled, bins_of, cross_fit, fit_corrections, fit_feature_corrections, \
+    fit_temperature_weighted, class_weights, residuals_by_bin
 from .batches import normalise_batch, predict_logits
 
 MIN_CROPS = 20  # crops (after the localiser) for any adaptation
@@ -102,7 +103,7 @@ def _before(model: LoadedModel, out: dict, lab: np.ndarray, s: Samples) -> tuple
     probs = _softmax(out["logits"][lab] / model.temperature)
     intervals = np.full((int(lab.sum()), 2), np.nan)
     if own is not None:
-        t = own.correct(t, s.site_types[lab])
+        t = own.correct(t, s.site_types[lab], features=out["features"][lab])
         if own.probabilities == "predictive":
             probs = own.class_probabilities(t, bins_of(s.site_types[lab]))
         intervals = own.intervals(t, bins_of(s.site_types[lab]), model.interval_level)
@@ -168,10 +169,13 @@ def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = 
                      site_types=samples.site_types[lab], logits=after["logits"][lab], groups=samples.groups[lab],
                      labels=samples.labels[lab], region_pred={r: v[lab] for r, v in after["regions"].items()},
                      region_true={r: samples.region_t_scores[lab, k].astype(np.float64)
-                                  for k, r in enumerate(REGION_OUTPUTS)})
+                                  for k, r in enumerate(REGION_OUTPUTS)},
+                     features=after["features"][lab])
         shares = model.checkpoint.get("class_shares")
         cf = cross_fit(d, level, shares, seed)
-        cal.t_correction = fit_corrections(d, np.arange(len(d.t_true)), shares)
+        everything = np.arange(len(d.t_true))
+        cal.t_correction = fit_corrections(d, everything, shares)
+        cal.feature_correction = fit_feature_corrections(d, everything, cal, shares, types=cf.feature_types)
         cal.temperature = fit_temperature_weighted(d.logits, d.labels, class_weights(d.labels, shares))
         cal.residuals = residuals_by_bin(d, cf.corrected)
         ece = {mode: figures(d.t_true, cf.corrected, p, cf.intervals, d.groups)["ece"]
@@ -184,13 +188,15 @@ def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = 
                                                                 refused_after[lab]),
                               "ece_by_probability_mode": ece, "probabilities": cal.probabilities,
                               "interval_level": level, "folds": int(min(5, len(labelled_studies))),
-                              "corrections": cal.t_correction, "temperature": cal.temperature}
+                              "corrections": cal.t_correction, "feature_correction": cf.feature_choice,
+                              "temperature": cal.temperature}
         if cf.fused is not None:
             f = cf.fused
             report["labelled"]["after_cross_validated"]["lumbar_fused"] = figures(
                 d.t_true[f["ap"]], f["t"], f["probabilities"][mode], f["intervals"], d.groups[f["ap"]])
     elif own is not None:  # no labels: the model's own corrections and intervals, unverified here
         cal.t_correction, cal.residuals = dict(own.t_correction), dict(own.residuals)
+        cal.feature_correction = dict(own.feature_correction)
         cal.probabilities = own.probabilities
         cal.temperature = own.temperature
         report["inherited_from_model"] = ("no DXA T-scores: T-score corrections and intervals are the model's own "
@@ -253,6 +259,9 @@ def format_calibration_report(cal: Calibration) -> str:
         if "lumbar_fused" in lab["after_cross_validated"]:
             f = lab["after_cross_validated"]["lumbar_fused"]
             lines.append(f"  lumbar_fused n {f['n']:4d}  MAE {_ci(f, 'mae')}  coverage {_cov(f)}")
+        for name, c in lab.get("feature_correction", {}).items():
+            lines.append(f"  {name:<11} feature correction {'used' if c['used'] else 'not used'}: out-of-fold MAE "
+                         f"{c['mae_line']:.3f} with the line alone, {c['mae_features']:.3f} with the image features")
         lines.append(f"probabilities: {lab['probabilities']} (cross-validated ECE "
                      + ", ".join(f"{k} {v:.3f}" for k, v in lab["ece_by_probability_mode"].items()) + ")")
     if "inherited_from_model" in cal.report:
