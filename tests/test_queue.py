@@ -99,3 +99,29 @@ def test_late_image_reopens_reported_study(db_url):
         assert study.status == "receiving" and study.last_report_uid == "7.7"
         assert len(queue.settle_studies(s, 0, now=utcnow() + timedelta(seconds=1))) == 1
     db.dispose()
+
+
+def test_a_pooled_connection_closed_by_the_server_is_replaced_after_resting(db_url, monkeypatch):
+    """What pool_pre_ping gave, without its round trip per transaction: a connection that rested in
+    the pool (here terminated by PostgreSQL meanwhile, as a restart or an idle timeout would) is
+    pinged at checkout and replaced, so the caller never sees the dead one."""
+    if not db_url.startswith("postgresql"):
+        return  # SQLite has no server to lose
+    from sqlalchemy import text
+
+    from osteoscreen.store import db as store_db
+    db = queued_study(db_url)
+    with db.session() as s:
+        first_pid = s.execute(text("SELECT pg_backend_pid()")).scalar()
+        s.commit()
+    from sqlalchemy import create_engine
+    admin = create_engine(db_url)  # the server ends the pooled connection
+    with admin.connect() as other:
+        assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first_pid}).scalar()
+    admin.dispose()
+    monkeypatch.setattr(store_db, "IDLE_PING_SECONDS", 0.0)  # it has rested "long enough"
+    with db.session() as s:
+        job = queue.claim_job(s, "w1", 60, 3)  # would raise on the terminated connection
+        pid = s.execute(text("SELECT pg_backend_pid()")).scalar()
+    assert job is not None and pid != first_pid
+    db.dispose()

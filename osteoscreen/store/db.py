@@ -48,7 +48,41 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+    engine = create_engine(url, hide_parameters=True)
+    _ping_when_idle(engine)
+    return engine
+
+
+IDLE_PING_SECONDS = 2.0  # a pooled connection resting longer than this is pinged before it is used
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling, paid only where it can matter. `pool_pre_ping` pings on every
+    checkout: a round trip per transaction, a third of the queue's hot path (bench/throughput.py). A
+    connection handed straight back and forth by a busy worker was in use a moment ago; one that rested
+    in the pool (a PostgreSQL restart, an idle timeout or a failover may have closed it meanwhile) is
+    pinged, and replaced when the ping fails (DisconnectionError makes the pool connect afresh, as
+    SQLAlchemy's "Disconnect Handling - Pessimistic" documents for checkout events). A connection that
+    dies while in use raises once; SQLAlchemy then invalidates the pool, and the callers' retries
+    (the sender's, the worker's) meet fresh connections."""
+    import time
+
+    from sqlalchemy import exc
+
+    @event.listens_for(engine, "checkin")
+    def _rested_from(_dbapi_conn, record):
+        if record is not None:
+            record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_rested(dbapi_conn, record, _proxy):
+        since = record.info.get("checked_in")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return  # new (just connected), or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)  # what pool_pre_ping runs (psycopg: in autocommit)
+        except Exception as error:  # any failure: this connection is not to be trusted
+            raise exc.DisconnectionError(f"pooled connection failed its ping: {type(error).__name__}") from error
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None):
