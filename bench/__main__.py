@@ -1,6 +1,6 @@
 """Run every benchmark, print one table, and write docs/BENCHMARKS.md with its plots.
 
-    python -m bench [--quick] [--only ingest,latency,throughput,inference,memory] [--workdir var/bench]
+    python -m bench [--quick] [--only ingest,stow,latency,throughput,inference,memory] [--workdir var/bench]
                     [--doc docs/BENCHMARKS.md] [--no-doc]
 
 Each module (bench/<name>.py) measures osteoscreen beside a reference in the same run and returns
@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("ingest", "latency", "throughput", "inference", "memory")
+MODULES = ("ingest", "stow", "latency", "throughput", "inference", "memory")
 TITLES = {"ingest": "Ingest: DICOM C-STORE into the node vs DCMTK storescp",
+          "stow": "Ingest: STOW-RS (DICOMweb) into the node vs C-STORE",
           "latency": "End-to-end latency inside a PACS (Orthanc)",
           "throughput": "Sustained screening throughput",
           "inference": "Model inference and the stages of one study",

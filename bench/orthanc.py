@@ -146,17 +146,19 @@ class Orthanc:
 
 class Node:
     """`osteoscreen serve` sending its results to Orthanc; its storage (and SQLite database) under
-    `storage`, its log beside it. `env`: more environment (OSTEOSCREEN_… settings) for the node."""
+    `storage`, its log beside it. `env`: more environment (OSTEOSCREEN_… settings) for the node;
+    `config_file`: a config.yaml for it (with `orthanc_dicom_port` None, its `destinations:` apply)."""
 
-    def __init__(self, storage: Path, port: int, orthanc_dicom_port: int, *, settle_seconds: float,
-                 env: dict | None = None, start_timeout: float = 120):
+    def __init__(self, storage: Path, port: int, orthanc_dicom_port: int | None, *, settle_seconds: float,
+                 env: dict | None = None, start_timeout: float = 120, config_file: Path | None = None):
         self.storage, self.port = Path(storage), port
         self.storage.mkdir(parents=True, exist_ok=True)
         self.log = self.storage.parent / "node.log"
         exe = Path(sys.executable).with_name("osteoscreen")
         command = [str(exe)] if exe.exists() else [sys.executable, "-m", "osteoscreen.cli"]
-        args = [*command, "serve", "--port", str(port), "--ae-title", "OSTEOSCREEN",
-                "--destination", f"ORTHANC@127.0.0.1:{orthanc_dicom_port}", "--storage", str(self.storage)]
+        args = [*command, "serve", "--port", str(port), "--ae-title", "OSTEOSCREEN", "--storage", str(self.storage),
+                *(["--destination", f"ORTHANC@127.0.0.1:{orthanc_dicom_port}"] if orthanc_dicom_port else []),
+                *(["--config", str(config_file)] if config_file else [])]
         environment = {**os.environ, "OSTEOSCREEN_SETTLE_SECONDS": str(settle_seconds),
                        "OSTEOSCREEN_BIND_ADDRESS": "127.0.0.1", "OSTEOSCREEN_WEB__PORT": "0", **(env or {})}
         self._proc = Proc(args, self.log, env=environment, port=port, start_timeout=start_timeout)

@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
-from .settings import (DEFAULT_MODEL, PROJECT_ROOT, TLS, ConfigError, Destination, Drift, Outcomes,  # noqa: F401
-                       Output, Retention, Routing, Settings, Web)
+from .settings import (DEFAULT_MODEL, DESTINATION_FORMS, PROJECT_ROOT, TLS, ConfigError,  # noqa: F401
+                       Destination, DicomWebDestination, Drift, Outcomes, Output, Retention, Routing, Settings,
+                       Web, parse_destination)
+from .settings import DicomWeb  # noqa: F401 - the STOW-RS receiver's section
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
     """Convert a YAML/env value to the type of the default, or raise ConfigError."""
@@ -38,7 +40,23 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         raise ConfigError(f"setting {name}: {value!r} is not a valid {type(default).__name__}") from exc
 
 
-_NULLABLE = ("database_url", "trusted_proxy_header", "secret_key", "metrics_token")
+_NULLABLE = ("database_url", "trusted_proxy_header", "secret_key", "metrics_token", "token", "token_env")
+DICOMWEB_AUTH = ("none", "basic", "bearer")
+
+
+def _destination(value: Any, name: str) -> Destination | DicomWebDestination:
+    """One entry of `destinations`: AET@HOST:PORT[?tls], a DICOMweb URL, or either's mapping form."""
+    if isinstance(value, (Destination, DicomWebDestination)):
+        return value
+    if isinstance(value, str):
+        return parse_destination(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"setting {name}: each destination is {DESTINATION_FORMS}, or a mapping")
+    try:
+        return DicomWebDestination(**value) if "url" in value else Destination(**value)
+    except TypeError as exc:  # an unknown or missing key; the message names keys, never values
+        raise ConfigError(f"setting {name}: a destination is {{ae_title, host, port, tls}} or {{url, auth, "
+                          f"username, password_env, token_env, ca_certificates, timeout}} ({exc})") from None
 
 
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
@@ -49,13 +67,17 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             raise ConfigError(f"unknown setting {name!r}")
         current = getattr(obj, key)
         if key == "destinations":
-            items = value if isinstance(value, list) else [value]
-            try:
-                setattr(obj, key, [v if isinstance(v, Destination) else
-                                   Destination.parse(v) if isinstance(v, str) else Destination(**v) for v in items])
-            except TypeError as exc:
-                raise ConfigError(f"setting {name}: each destination is AET@HOST:PORT or "
-                                  "{ae_title, host, port}") from exc
+            # a string (OSTEOSCREEN_DESTINATIONS) lists several comma-separated, or is a YAML/JSON list
+            # (the mapping form, with credentials' environment variables, from the environment too)
+            if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError as exc:  # its own message would quote the text, maybe a password
+                    mark = getattr(exc, "problem_mark", None)
+                    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                    raise ConfigError(f"setting {name}: not a YAML list of destinations{where}") from None
+            items = value if isinstance(value, list) else value.split(",") if isinstance(value, str) else [value]
+            setattr(obj, key, [_destination(v, name) for v in items if not (isinstance(v, str) and not v.strip())])
         elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"setting {name} must be a mapping")
@@ -92,6 +114,7 @@ def load(config_file: Path | str | None = None, overrides: dict | None = None,
             _apply(settings, {section: {key: v}})
     _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None})
     _validate(settings)
+    _validate_destinations(settings.destinations)
     return settings
 
 
@@ -122,6 +145,7 @@ def _validate(s: Settings) -> None:
     if not 0 <= s.outcomes.match_days <= 3660:
         raise ConfigError(f"outcomes.match_days must be between 0 and 3660 days, got {s.outcomes.match_days}")
     _validate_drift(s.drift)
+    _validate_stow_receiver(s)
 
 
 def _validate_drift(d: Drift) -> None:
@@ -201,6 +225,50 @@ def _validate_dispatch_retention(s: Settings) -> None:
         raise ConfigError(f"retention.interval_minutes must be > 0, got {r.interval_minutes}")
 
 
+def _validate_destinations(destinations: list) -> None:
+    """Each destination once; a DICOMweb one's credentials complete (no message repeats a secret). That
+    the environment holds them is checked by the dispatch role, the only one that needs them."""
+    seen = set()
+    for d in destinations:
+        if str(d) in seen:
+            raise ConfigError(f"destinations: {d} appears twice")
+        seen.add(str(d))
+        if isinstance(d, DicomWebDestination):
+            _validate_dicomweb(d)
+
+
+def _validate_dicomweb(d: DicomWebDestination) -> None:
+    where = f"destination {d}"
+    if d.auth not in DICOMWEB_AUTH:
+        raise ConfigError(f"{where}: auth {d.auth!r} must be one of {', '.join(DICOMWEB_AUTH)}")
+    given = {k for k in ("username", "password", "password_env", "token", "token_env") if getattr(d, k)}
+    allowed = {"none": set(), "basic": {"username", "password", "password_env"},
+               "bearer": {"token", "token_env"}}[d.auth]
+    if given - allowed:
+        raise ConfigError(f"{where}: {', '.join(sorted(given - allowed))} do not go with auth {d.auth} "
+                          "(auth: basic takes username and password_env; auth: bearer takes token_env)")
+    secret_keys = {"basic": ("password", "password_env"), "bearer": ("token", "token_env")}.get(d.auth)
+    if secret_keys:
+        if d.auth == "basic" and not d.username:
+            raise ConfigError(f"{where}: auth basic needs a username")
+        inline, variable = secret_keys
+        if bool(getattr(d, inline)) == bool(getattr(d, variable)):
+            raise ConfigError(f"{where}: auth {d.auth} needs exactly one of {variable} (an environment "
+                              f"variable's name, preferred) and {inline}")
+        name = getattr(d, variable)
+        if name is not None and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name))
+                                 or str(name).upper().startswith("OSTEOSCREEN_")):
+            raise ConfigError(f"{where}: {variable} {name!r} must name an environment variable, not "
+                              "OSTEOSCREEN_… (those are settings)")
+    if d.ca_certificates is not None:
+        if not d.url.startswith("https://"):
+            raise ConfigError(f"{where}: ca_certificates applies to https:// URLs only")
+        if not Path(str(d.ca_certificates)).is_file():
+            raise ConfigError(f"{where}: ca_certificates file {d.ca_certificates} not found")
+    if isinstance(d.timeout, bool) or not isinstance(d.timeout, (int, float)) or not 0 < d.timeout <= 3600:
+        raise ConfigError(f"{where}: timeout must be a number of seconds above 0 (at most 3600)")
+
+
 WEB_ROLES = ("admin", "read-only")
 
 
@@ -236,12 +304,52 @@ def _validate_web(w: Web) -> None:
         raise ConfigError("web.page_size must be at least 1")
 
 
+STOW_WEB_USERS = ("none", "admin", "all")
+
+
+def _validate_stow_receiver(s: Settings) -> None:
+    """The `dicomweb` section: the STOW-RS receiver of the listen role."""
+    d = s.dicomweb
+    if not 0 <= d.port <= 65535:
+        raise ConfigError(f"dicomweb.port {d.port} out of range")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*/?", d.base_path or "") or "/../" in f"{d.base_path}/" \
+            or "/./" in f"{d.base_path}/":
+        raise ConfigError(f"dicomweb.base_path {d.base_path!r} must be a URL path such as /dicom-web (or /)")
+    d.base_path = d.base_path.rstrip("/")  # "" for /: POST /studies
+    if d.web_users not in STOW_WEB_USERS:
+        raise ConfigError(f"dicomweb.web_users {d.web_users!r} must be one of {', '.join(STOW_WEB_USERS)}")
+    if d.token is not None and (not isinstance(d.token, str) or len(d.token) < 16 or not d.token.isprintable()
+                                or any(c.isspace() for c in d.token)):
+        raise ConfigError("dicomweb.token must be at least 16 printable characters without spaces "
+                          "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    if d.token_env is not None and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(d.token_env))
+                                    or str(d.token_env).upper().startswith("OSTEOSCREEN_")):
+        raise ConfigError(f"dicomweb.token_env {d.token_env!r} must name an environment variable, not "
+                          "OSTEOSCREEN_… (those are settings: OSTEOSCREEN_DICOMWEB__TOKEN sets dicomweb.token)")
+    if d.token and d.token_env:
+        raise ConfigError("dicomweb: give token or token_env, not both")
+    if d.max_request_bytes < 1 or d.retry_after_seconds < 1 or not 1 <= d.threads <= 64:
+        raise ConfigError("dicomweb.max_request_bytes and dicomweb.retry_after_seconds must be at least 1, "
+                          "dicomweb.threads between 1 and 64")
+    if d.enabled:
+        if not (d.token or d.token_env or d.web_users != "none"):
+            raise ConfigError("dicomweb.enabled needs a way in: dicomweb.token, dicomweb.token_env or "
+                              "dicomweb.web_users (admin or all, with web.users)")
+        if d.web_users != "none" and not s.web.users and not (d.token or d.token_env):
+            raise ConfigError(f"dicomweb.web_users is {d.web_users} but web.users is empty")
+        if d.port and d.port == s.web.port and s.web.enabled:
+            raise ConfigError(f"dicomweb.port and web.port are both {d.port}: give each its own port")
+
+
 def dump(s: Settings) -> dict:
-    """Settings as a config.yaml mapping (paths as text, destinations as AET@HOST:PORT[?tls]): what a
-    child process is started with, so that it runs with exactly its parent's settings."""
+    """Settings as a config.yaml mapping (paths as text, destinations as AET@HOST:PORT[?tls] or a DICOMweb
+    destination's mapping, which names the environment variables of its secrets rather than their values):
+    what a child process is started with, so that it runs with exactly its parent's settings."""
     def plain(value):
         if isinstance(value, Destination):
             return str(value)
+        if isinstance(value, DicomWebDestination):
+            return value.to_config()
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, Path):

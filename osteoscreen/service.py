@@ -33,6 +33,10 @@ class Node:
         self.receivers = None
         self.db = db or Database(settings.db_url)
         self.listener = Listener(settings, self.db) if "listen" in roles else None
+        self.stow = None  # the STOW-RS receiver beside the DICOM port (dicomweb.enabled; not in receive-only children)
+        if self.listener and settings.dicomweb.enabled and not receive_only:
+            from .node.stow_server import StowServer  # only processes that receive over HTTP import waitress
+            self.stow = StowServer(settings, self.listener.acceptor)
         self.worker = None
         if "work" in roles:
             from .worker import Worker  # torch and the model: only in processes that screen (~300 MB)
@@ -77,6 +81,8 @@ class Node:
                 from .node.receivers import ReceiverProcesses
                 self.receivers = ReceiverProcesses(self.settings, self.listener.port)
                 self.receivers.start()
+        if self.stow:
+            self.stow.start()
         if self.web:
             self.web.start()
         self._beat()
@@ -87,6 +93,8 @@ class Node:
     def stop(self) -> None:
         if self.web:
             self.web.stop()
+        if self.stow:
+            self.stow.stop()
         if self.receivers:
             self.receivers.stop()
         if self.listener:

@@ -4,9 +4,12 @@ config.yaml at the repository root documents each setting; `config.load` fills t
 file, the environment and the flags, and validates them."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PROJECT_ROOT / "models" / "osteoscreen-v0.3.pt"
@@ -33,6 +36,86 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("?tls" if self.tls else "")
+
+
+DESTINATION_FORMS = "AET@HOST:PORT, AET@HOST:PORT?tls or a DICOMweb base URL (https://host[:port]/path)"
+DESTINATION_MAX_CHARS = 128  # the destination column of deliveries and circuits
+
+
+def _dicomweb_url(text) -> str:
+    """A DICOMweb base URL, normalised (scheme in lower case, no trailing slash), or ConfigError."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"DICOMweb destination url {text!r} is not a URL")
+    text = text.strip()
+    if re.search(r"://[^/?#]*@", text):  # checked first, so that no message below repeats a password
+        # never in the URL: the URL is the destination's name in the database, the audit trail and the logs
+        raise ConfigError("DICOMweb destination: credentials do not belong in the URL; use auth with "
+                          "username and password_env, or token_env")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"DICOMweb destination {text!r} is not a valid URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"DICOMweb destination {text!r} must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"DICOMweb destination {text!r}: a base URL has no query or fragment")
+    url = f"{parts.scheme.lower()}://{parts.netloc}{parts.path.rstrip('/')}"
+    if len(url) > DESTINATION_MAX_CHARS:
+        raise ConfigError(f"DICOMweb destination {url!r} is longer than {DESTINATION_MAX_CHARS} characters")
+    return url
+
+
+@dataclass
+class DicomWebDestination:
+    """A DICOMweb destination: results are stored there with STOW-RS (POST <url>/studies).
+
+    Its text is the base URL alone, the key of its deliveries, circuit, audit events and metrics, so a
+    credential never becomes part of it: the password or token comes from the environment variable
+    `password_env` / `token_env` names (preferred), or from `password` / `token` in the config file."""
+    url: str
+    auth: str = "none"  # none | basic | bearer
+    username: str | None = None  # basic
+    password_env: str | None = None  # basic: the environment variable that holds the password
+    password: str | None = field(default=None, repr=False)  # basic: the password itself (prefer password_env)
+    token_env: str | None = None  # bearer: the environment variable that holds the token
+    token: str | None = field(default=None, repr=False)  # bearer: the token itself (prefer token_env)
+    ca_certificates: str | None = None  # https: PEM bundle to trust (default tls.ca_certificates, else certifi's)
+    timeout: float = 30.0  # seconds to connect, and to wait for the answer once the request is sent
+
+    def __post_init__(self) -> None:
+        self.url = _dicomweb_url(self.url)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The password (basic) or the token (bearer), from its environment variable when one is named."""
+        env = os.environ if environ is None else environ
+        if self.auth == "basic":
+            return env.get(self.password_env) if self.password_env else self.password
+        if self.auth == "bearer":
+            return env.get(self.token_env) if self.token_env else self.token
+        return None
+
+    def to_config(self) -> dict:
+        """The mapping form of config.yaml (settings left at their defaults omitted)."""
+        values = {"url": self.url, "auth": self.auth, "username": self.username, "password_env": self.password_env,
+                  "password": self.password, "token_env": self.token_env, "token": self.token,
+                  "ca_certificates": self.ca_certificates, "timeout": self.timeout}
+        defaults = {"auth": "none", "timeout": 30.0}
+        return {k: v for k, v in values.items() if v is not None and defaults.get(k) != v}
+
+
+def parse_destination(text: str) -> Destination | DicomWebDestination:
+    """A destination as the command line and the list form write it: a DICOMweb base URL (http:// or
+    https://), or AET@HOST:PORT[?tls] for DIMSE."""
+    if "://" in text:  # a URL: only http(s) is one we send to (and its errors never repeat a password)
+        return DicomWebDestination(text)
+    try:
+        return Destination.parse(text)
+    except ConfigError:
+        raise ConfigError(f"destination {text!r} is not {DESTINATION_FORMS}") from None
 
 
 @dataclass
@@ -105,6 +188,24 @@ class Web:
 
 
 @dataclass
+class DicomWeb:
+    """The STOW-RS receiver (DICOMweb Store, PS3.18 §10.5) that the listen role runs beside the DICOM
+    port: POST {base_path}/studies[/{StudyInstanceUID}] on its own HTTP port (docs/DEPLOYMENT.md)."""
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"  # behind a TLS reverse proxy; 0.0.0.0 to take requests from the network
+    port: int = 8081
+    base_path: str = "/dicom-web"
+    # bearer token senders present ("Authorization: Bearer <token>"), at least 16 characters; or the name of
+    # the environment variable that holds it (token_env; not an OSTEOSCREEN_* name)
+    token: str | None = None
+    token_env: str | None = None
+    web_users: str = "none"  # none | admin | all: which web.users may sign in with HTTP Basic
+    max_request_bytes: int = 1 << 30  # a larger request body gets 413; each part also max_dataset_bytes
+    retry_after_seconds: int = 60  # the Retry-After of a 503 (disk watermark, queue depth)
+    threads: int = 4  # requests handled at once
+
+
+@dataclass
 class Drift:
     """The drift watch per scanner group (docs/MONITORING.md): a recent window of screened studies
     against a reference window (the group's first studies under its current calibration)."""
@@ -130,7 +231,7 @@ class Settings:
     port: int = 11112
     storage: Path = Path("var")
     database_url: str | None = None  # default: SQLite inside storage
-    destinations: list[Destination] = field(default_factory=list)
+    destinations: list[Destination | DicomWebDestination] = field(default_factory=list)  # DIMSE or DICOMweb
     settle_seconds: float = 10.0
     # DCMTK's largest (ASC_MAXIMUMPDUSIZE): DCMTK senders then send 128 KiB PDUs, and pynetdicom spends
     # its per-PDU work on half as many (docs/BENCHMARKS.md)
@@ -177,6 +278,7 @@ class Settings:
     web: Web = field(default_factory=Web)
     outcomes: Outcomes = field(default_factory=Outcomes)
     drift: Drift = field(default_factory=Drift)
+    dicomweb: DicomWeb = field(default_factory=DicomWeb)
 
     @property
     def db_url(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from ..config import Destination, load
+from ..config import load, parse_destination
 
 
 class UsageError(Exception):
@@ -16,8 +16,9 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config.yaml (default: none; environment OSTEOSCREEN_* also applies)")
     p.add_argument("--port", type=int)
     p.add_argument("--ae-title")
-    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
-                   help="where results are sent (repeatable)")
+    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT|URL",
+                   help="where results are sent (repeatable): AET@HOST:PORT[?tls] by C-STORE, or a "
+                        "DICOMweb base URL by STOW-RS")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the storage folder)")
     p.add_argument("--storage", help="folder for spool, outbox and the SQLite database (default ./var)")
 
@@ -28,7 +29,7 @@ def _settings(args):
     if getattr(args, "http_port", None) is not None:
         overrides["web"] = {"port": args.http_port}
     if args.destination:
-        overrides["destinations"] = [Destination.parse(d) for d in args.destination]
+        overrides["destinations"] = [parse_destination(d) for d in args.destination]
     return load(args.config or None, overrides)
 
 

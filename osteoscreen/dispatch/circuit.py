@@ -10,7 +10,8 @@ half_open ──the probe fails──▶ open again, for twice as long (capped)
 
 While a circuit is open (or its probe is in flight) no delivery to it is claimed, so no association
 is attempted and no delivery spends attempts. A probe whose dispatcher died is taken over once its
-lease (retry_at) has passed.
+lease (retry_at) has passed. For a DICOMweb destination an "association failure" is a STOW-RS request
+that got no answer, a 5xx, 408 or 429, or a refusal of the request as a whole (401, 403, 404, …).
 """
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ def record_failure(session: Session, destination: str, error: str | None, *, thr
         state=OPEN, opened_at=row.opened_at or now, retry_at=now + timedelta(seconds=open_for), updated_at=now))
     if was != OPEN:
         queue.audit(session, "circuit_open", peer=destination,
-                    detail=f"{failures} consecutive association failures; next probe in {open_for:.0f} s")
-        log.warning("circuit of %s open after %d consecutive association failures; next probe in %.0f s",
+                    detail=f"{failures} consecutive failures to reach it; next probe in {open_for:.0f} s")
+        log.warning("circuit of %s open after %d consecutive failures to reach it; next probe in %.0f s",
                     destination, failures, open_for)
     session.expire(row)
     return OPEN

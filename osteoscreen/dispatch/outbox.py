@@ -1,6 +1,10 @@
 """Send result objects to their destinations: claimed from the database, retried with exponential
 backoff and jitter, set aside as 'dead' after the configured number of attempts; a destination that
-keeps refusing associations is left alone for a while by its circuit breaker (``circuit.py``)."""
+keeps refusing associations is left alone for a while by its circuit breaker (``circuit.py``).
+
+A destination is AET@HOST:PORT[?tls] (C-STORE, node/sender.py) or a DICOMweb base URL (STOW-RS,
+node/dicomweb_sender.py); deliveries name it by that text, and the configured destination of that
+name supplies what the text leaves out (a DICOMweb destination's credentials)."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +16,8 @@ from pathlib import Path
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from ..config import Destination, Settings
+from ..config import ConfigError, DicomWebDestination, Settings, parse_destination
+from ..node.dicomweb_sender import store_files
 from ..node.sender import SendResult, send_files
 from ..store import queue
 from ..store.db import Database
@@ -33,9 +38,14 @@ def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random =
 
 
 def association_outcome(results: list[SendResult], raised: bool = False) -> bool | None:
-    """True when the destination answered (an association was made, whatever the C-STORE statuses),
-    False when no association could be made, None when nothing was tried (every file unreadable)."""
+    """True when the destination answered (an association was made, whatever the C-STORE statuses;
+    a STOW-RS response that speaks of the instances), False when no association could be made (no
+    STOW-RS answer, or one refusing the request), None when nothing was tried (every file unreadable)."""
     if raised:
+        return False
+    if any(r.peer_answered for r in results):
+        return True
+    if any(r.peer_answered is False for r in results):
         return False
     if any(r.ok or r.status is not None or (r.error or "").startswith("not sent") for r in results):
         return True
@@ -64,6 +74,25 @@ class Dispatcher:
     def __init__(self, settings: Settings, db: Database):
         self.settings = settings
         self.db = db
+        self.destinations = {str(d): d for d in settings.destinations}
+        for d in settings.destinations:  # only this role needs a DICOMweb destination's secret: it must be there
+            if isinstance(d, DicomWebDestination) and d.auth != "none" and not d.secret():
+                raise ConfigError(f"destination {d}: environment variable {d.password_env or d.token_env} is not "
+                                  "set (the dispatch role reads the credentials from it)")
+
+    def send(self, dest_text: str, paths: list[Path]) -> list[SendResult]:
+        """Send the files to the destination a delivery names, by C-STORE or STOW-RS. A destination
+        no longer configured is reached by its text alone (a DICOMweb one then without credentials)."""
+        s = self.settings
+        destination = self.destinations.get(dest_text)
+        if destination is None:
+            try:
+                destination = parse_destination(dest_text)
+            except ConfigError as exc:
+                return [SendResult(p, False, None, f"not sent: {exc}", peer_answered=False) for p in paths]
+        if isinstance(destination, DicomWebDestination):
+            return store_files(destination, paths, tls=s.tls)
+        return send_files(destination, paths, s.ae_title, tls=s.tls)
 
     def run_once(self) -> int:
         """Send what is due; returns how many objects were delivered."""
@@ -95,7 +124,7 @@ class Dispatcher:
         paths = [Path(d.path) for d in items]
         raised = False
         try:
-            results = send_files(Destination.parse(dest_text), paths, s.ae_title, tls=s.tls)
+            results = self.send(dest_text, paths)
         except Exception as exc:  # never leave claimed deliveries stuck in 'sending'
             log.exception("sending to %s failed", dest_text)
             raised = True

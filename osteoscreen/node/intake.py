@@ -22,6 +22,7 @@ RX_PREFIX = "rx-"  # pynetdicom's receive files in spool/tmp
 DISK_CHECK_BYTES = 16 << 20  # while receiving, free space is checked every 16 MiB written
 WRITEBACK_BYTES = 1 << 20  # while receiving, the disk is asked to start writing every 1 MiB (spool.py)
 PDU_FLOOR_BYTES = 1 << 20
+TOO_LARGE = "data set larger than max_dataset_bytes"  # a receive file's refusal (not transient)
 
 
 def _valid_uid(value) -> bool:
@@ -41,15 +42,19 @@ class _ReceiveFile:
     """What pynetdicom writes one C-STORE data set into (in place of its NamedTemporaryFile): a file in
     spool/tmp that stops growing, is emptied and remembers why, once the data set passes the size limit
     or the disk's free space falls below the watermark. pynetdicom writes the preamble, "DICM" and the
-    File Meta Information first (three writes) and then the data set fragments; only those count.
-    Every WRITEBACK_BYTES the kernel is asked to start writing what arrived, so that the fsync after
-    the last fragment has little left to wait for."""
+    File Meta Information first (three writes, `uncounted_writes`) and then the data set fragments;
+    only those count. Every WRITEBACK_BYTES the kernel is asked to start writing what arrived, so that
+    the fsync after the last fragment has little left to wait for. A STOW-RS part (a whole Part 10
+    file, every byte counted) keeps the first `keep_bytes` of a refused file, so that its header can
+    still name the instance in the answer."""
 
-    def __init__(self, folder: Path, max_bytes: int, min_free_mb: int):
+    def __init__(self, folder: Path, max_bytes: int, min_free_mb: int, *, uncounted_writes: int = 3,
+                 keep_bytes: int = 0):
         fd, name = tempfile.mkstemp(prefix=RX_PREFIX, suffix=".dcm", dir=folder)
         self.file = os.fdopen(fd, "wb")
         self.name = name
         self.folder, self.max_bytes, self.min_free_mb = folder, max_bytes, min_free_mb
+        self.uncounted_writes, self.keep_bytes = uncounted_writes, keep_bytes
         self.writes = 0
         self.dataset_bytes = 0
         self.refused: str | None = None
@@ -61,14 +66,14 @@ class _ReceiveFile:
         self.writes += 1
         if self.refused:
             return n
-        if self.writes > 3:
+        if self.writes > self.uncounted_writes:
             before = self.dataset_bytes
             self.dataset_bytes += n
             if self.max_bytes and self.dataset_bytes > self.max_bytes:
-                return self._refuse("data set larger than max_dataset_bytes", n)
+                return self._refuse(TOO_LARGE, data)
             if before // DISK_CHECK_BYTES != self.dataset_bytes // DISK_CHECK_BYTES and \
                     _disk_low(self.folder, self.min_free_mb):
-                return self._refuse("free disk space below min_free_disk_mb", n)
+                return self._refuse("free disk space below min_free_disk_mb", data)
         written = self.file.write(data)
         self._offset += written
         if self._offset - self._written_back >= WRITEBACK_BYTES:
@@ -77,11 +82,13 @@ class _ReceiveFile:
             self._written_back = self._offset
         return written
 
-    def _refuse(self, reason: str, n: int) -> int:
+    def _refuse(self, reason: str, data) -> int:
         self.refused = reason
+        if self._offset < self.keep_bytes:  # the head is kept (keep_bytes), however the data came in
+            self._offset += self.file.write(data[:self.keep_bytes - self._offset])
         self.file.flush()
-        self.file.truncate(0)  # give the space back now; the handler answers 0xA700
-        return n
+        self.file.truncate(min(self.keep_bytes, self._offset))  # give the space back now; 0xA700 follows
+        return len(data)
 
     def close(self) -> None:
         self.file.close()

@@ -3,10 +3,10 @@
 pynetdicom streams each C-STORE data set to a temporary file (STORE_RECV_CHUNKED_DATASET), so a 20 MB
 radiograph never sits in memory whole. Here that file lives in the spool's tmp/ folder (same disk,
 so adopting it is a rename; nothing is written outside the storage folder) and stops growing past
-`max_dataset_bytes` or when the disk runs low. The handler checks the limits, reads the header,
-checks the pixel data's framing, moves the file into the spool (fsync + rename), records the
-instance in the database, and only then returns 0x0000. A refused or rejected data set leaves no
-file behind.
+`max_dataset_bytes` or when the disk runs low. The handler checks the limits and hands the file to
+`accept.Acceptor` (shared with the STOW-RS receiver): it reads the header, checks the pixel data's
+framing, moves the file into the spool (fsync + rename), records the instance in the database, and
+only then is 0x0000 returned. A refused or rejected data set leaves no file behind.
 
 Who may associate is decided by pynetdicom itself (`AE.require_calling_aet`,
 `AE.require_called_aet`); rejections and aborted associations are written to the audit table.
@@ -21,24 +21,17 @@ import time
 from pathlib import Path
 
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import func, select
 
 from ..config import Settings
-from ..equipment import acquisition, scanner_key
-from ..pipeline.covariates import read_covariates
-from ..store import queue
 from ..store.db import Database
-from ..store.models import Job
 from ..store.spool import Spool
 from . import tls as tls_contexts
-from .intake import (RX_PREFIX, _clip, _disk_low, _guard_dimse_decoding, _guard_pdu_length, _pixel_problem,
-                     _read_pixel_header, _ReceiveFile, _valid_uid)
-from .routing import Decision, classify
+from .accept import STATUS_SUCCESS, Acceptor
+from .intake import RX_PREFIX, _guard_dimse_decoding, _guard_pdu_length, _ReceiveFile
 from .transfer import ACCEPTED_TRANSFER_SYNTAXES
 
 log = logging.getLogger("osteoscreen.listener")
@@ -49,13 +42,7 @@ _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's own logs would print dataset 
 # garbled header can carry patient names and IDs: the node validates what it needs itself.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC210
-
 STALE_RX_SECONDS = 600  # an rx file untouched this long belongs to no live association (timeouts are 60 s)
-QUEUE_DEPTH_TTL = 1.0  # seconds the queue depth is cached
-_HEADER_DEFER = 64 * 1024  # header values larger than this are not read into memory
 
 _REJECT_REASONS = {  # (result, source, diagnostic) of A-ASSOCIATE-RJ as pynetdicom 3.0 sends them
     (0x01, 0x01, 0x03): "calling AE title not recognised",
@@ -92,9 +79,7 @@ class Listener:
         self.shared_port = settings.listen_processes > 1
         self.port: int | None = None
         self.tls_port: int | None = None
-        self.received = 0
-        self._lock = threading.Lock()
-        self._depth = (0.0, 0)  # (monotonic time checked, queued + running jobs)
+        self.acceptor = Acceptor(settings, db, self.spool)  # the STOW-RS receiver of this process shares it
         self._last_sweep = 0.0
         self._original_tmpfile = None
 
@@ -165,15 +150,14 @@ class Listener:
                 pass
 
     # -- association events ----------------------------------------------------------------
+    @property
+    def received(self) -> int:
+        """Instances stored by this process (C-STORE and STOW-RS)."""
+        return self.acceptor.received
+
     def _audit(self, event: str, peer: str | None, detail: str, sop_uid: str | None = None,
                study_uid: str | None = None) -> None:
-        try:
-            with self.db.session() as session:
-                queue.audit(session, event, peer=(peer or None) and peer[:64], sop_instance_uid=sop_uid,
-                            study_uid=study_uid, detail=detail)
-                session.commit()
-        except Exception as exc:  # the audit must never take the listener down
-            log.error("cannot write audit event %s: %s", event, type(exc).__name__)
+        self.acceptor.audit(event, peer, detail, sop_uid=sop_uid, study_uid=study_uid)  # never raises
 
     @staticmethod
     def _peer(event) -> tuple[str | None, str]:
@@ -231,15 +215,6 @@ class Listener:
         self._sweep_stale_rx()
 
     # -- backpressure ----------------------------------------------------------------------
-    def _queue_depth(self) -> int:
-        checked, depth = self._depth
-        now = time.monotonic()
-        if now - checked > QUEUE_DEPTH_TTL:
-            with self.db.session() as session:
-                depth = session.scalar(select(func.count(Job.id)).where(Job.state.in_(("queued", "running"))))
-            self._depth = (now, depth)
-        return depth
-
     def _resource_problem(self, event) -> str | None:
         s = self.settings
         rx = getattr(event.request, "_dataset_file", None)
@@ -247,11 +222,7 @@ class Listener:
             return rx.refused
         if s.max_dataset_bytes and os.path.getsize(event.dataset_path) > s.max_dataset_bytes + 64 * 1024:
             return "data set larger than max_dataset_bytes"  # (receive file not ours: no exact count)
-        if _disk_low(self.spool.root, s.min_free_disk_mb):
-            return "free disk space below min_free_disk_mb"
-        if s.max_queued_jobs and self._queue_depth() >= s.max_queued_jobs:
-            return "screening queue at max_queued_jobs"
-        return None
+        return self.acceptor.limits_problem()
 
     # -- C-STORE ---------------------------------------------------------------------------
     def _on_store(self, event) -> int:
@@ -268,75 +239,6 @@ class Listener:
     def _store(self, event, calling: str | None, tmp_path: Path) -> int:
         problem = self._resource_problem(event)
         if problem:
-            return self._refuse(calling, problem)
-        syntax = UID(str(event.context.transfer_syntax))
-        try:
-            with open(tmp_path, "rb") as fh:
-                ds = dcmread(fh, stop_before_pixels=True, defer_size=_HEADER_DEFER)
-                pixel = None if syntax.is_deflated else _read_pixel_header(fh, syntax.is_little_endian,
-                                                                             syntax.is_implicit_VR)
-                size = os.fstat(fh.fileno()).st_size
-        except Exception as exc:  # pydicom raises many types for a damaged data set
-            return self._reject(calling, None, f"undecodable data set: {type(exc).__name__}")
-        try:
-            sop_uid, study_uid = ds.get("SOPInstanceUID"), ds.get("StudyInstanceUID")
-            if not (_valid_uid(sop_uid) and _valid_uid(study_uid) and _valid_uid(ds.get("SOPClassUID"))):
-                return self._reject(calling, None, "missing or invalid SOP/Study UID")
-            if str(sop_uid) != str(event.request.AffectedSOPInstanceUID):
-                return self._reject(calling, str(sop_uid), "SOPInstanceUID differs from the C-STORE request")
-            problem = _pixel_problem(ds, pixel, size, syntax)
-            if problem:
-                return self._reject(calling, str(sop_uid), problem)
-            # Everything read from the header is read now, while the file is where pydicom saw it.
-            decision = classify(ds, self.settings.routing)
-            if decision.eligible and (pixel is None or pixel[0] != 0x7FE00010):
-                decision = Decision(False, decision.region, decision.view, "no pixel data")
-            cov = read_covariates(ds)
-            series_uid = ds.get("SeriesInstanceUID")
-            meta = queue.InstanceMeta(  # values clipped to their columns: a hostile header is no DB error
-                study_uid=str(study_uid), series_uid=str(series_uid) if _valid_uid(series_uid) else None,
-                sop_instance_uid=str(sop_uid), sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(syntax), modality=_clip(ds.get("Modality"), 16),
-                patient_id=_clip(ds.get("PatientID"), 64), patient_name=_clip(ds.get("PatientName"), 324),
-                accession_number=_clip(ds.get("AccessionNumber"), 16), study_date=_clip(ds.get("StudyDate"), 8),
-                age_years=cov.age_years, sex=cov.sex, bmi=cov.bmi, region=decision.region, view=decision.view,
-                eligible=decision.eligible, skip_reason=decision.reason,
-                scanner=_clip(scanner_key(ds), 200), acquisition=acquisition(ds))
-        except Exception as exc:  # a garbled value met while reading the header
-            return self._reject(calling, None, f"undecodable header value: {type(exc).__name__}")
-        try:
-            final = self.spool.adopt(tmp_path)
-        except OSError as exc:  # disk full, permissions: the sender keeps the image and retries
-            log.error("cannot spool instance %s: %s", sop_uid, exc.strerror)
-            return self._refuse(calling, f"cannot write to the spool: {exc.strerror}", str(sop_uid))
-        try:
-            with self.db.session() as session:
-                _, is_new = queue.record_instance(session, meta, str(final), calling)
-                queue.audit(session, "received" if is_new else "duplicate", peer=calling, study_uid=meta.study_uid,
-                            sop_instance_uid=meta.sop_instance_uid,
-                            detail=None if decision.eligible else f"skipped: {decision.reason}")
-                session.commit()
-        except Exception as exc:  # database down: do not claim success
-            log.error("cannot record instance %s: %s", sop_uid, type(exc).__name__)
-            os.unlink(final)
-            return STATUS_OUT_OF_RESOURCES
-        if not is_new:
-            os.unlink(final)  # the first copy is already spooled and recorded
-        with self._lock:
-            self.received += 1
-        log.info("stored %s from %s (%s)", sop_uid, calling,
-                 "screening candidate" if decision.eligible else f"skipped: {decision.reason}")
-        return STATUS_SUCCESS
-
-    def _reject(self, calling: str | None, sop_uid: str | None, reason: str) -> int:
-        log.warning("rejected an instance from %s: %s", calling, reason)
-        with self.db.session() as session:
-            queue.audit(session, "rejected", peer=calling, sop_instance_uid=sop_uid, detail=reason)
-            session.commit()
-        return STATUS_CANNOT_UNDERSTAND
-
-    def _refuse(self, calling: str | None, reason: str, sop_uid: str | None = None) -> int:
-        """Out of resources (limits, backpressure): the sender should keep the image and retry later."""
-        log.warning("refused an instance from %s: %s", calling, reason)
-        self._audit("refused", calling, reason, sop_uid=sop_uid)
-        return STATUS_OUT_OF_RESOURCES
+            return self.acceptor.refuse(calling, problem).status
+        return self.acceptor.accept(tmp_path, calling, syntax=UID(str(event.context.transfer_syntax)),
+                                    expected_sop_uid=str(event.request.AffectedSOPInstanceUID)).status

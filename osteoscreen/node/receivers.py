@@ -43,6 +43,7 @@ class ReceiverProcesses:
         values = dump(self.settings)
         values["port"] = self.port  # the port the parent bound (it may have been 0: any free port)
         values["tls"]["enabled"] = False  # TLS associations stay with the parent
+        values["dicomweb"]["enabled"] = False  # so does the STOW-RS receiver (its own HTTP port)
         storage = Path(self.settings.storage)
         storage.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="receivers-", suffix=".yaml", dir=storage)

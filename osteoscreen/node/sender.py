@@ -24,8 +24,11 @@ WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
 class SendResult:
     path: Path
     ok: bool
-    status: int | None
+    status: int | None  # the DICOM status: C-STORE's, or a STOW-RS Warning/Failure Reason
     error: str | None
+    # whether the destination answered: set by the STOW-RS client (node/dicomweb_sender.py); for
+    # C-STORE the dispatcher reads it from status and error (dispatch/outbox.association_outcome)
+    peer_answered: bool | None = None
 
 
 def _tls_args(destination: Destination, tls: TLS | None):

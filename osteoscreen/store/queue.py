@@ -76,8 +76,9 @@ def record_instance(session: Session, meta: InstanceMeta, path: str, calling_ae:
 
 def audit(session: Session, event: str, *, peer: str | None = None, study_uid: str | None = None,
           sop_instance_uid: str | None = None, detail: str | None = None) -> None:
-    session.add(AuditEvent(event=event, peer=peer, study_uid=study_uid, sop_instance_uid=sop_instance_uid,
-                           detail=detail))
+    # peer is an AE title or a destination; a DICOMweb URL may be longer than the column (PostgreSQL refuses)
+    session.add(AuditEvent(event=event, peer=peer[:64] if peer else peer, study_uid=study_uid,
+                           sop_instance_uid=sop_instance_uid, detail=detail))
 
 
 def next_settle_due(session: Session, settle_seconds: float) -> datetime | None:
