@@ -155,9 +155,9 @@ def write_doc(path: Path, results: list[dict], info: dict, started: datetime, qu
     assets = path.parent / "benchmarks"
     assets.mkdir(parents=True, exist_ok=True)
     lines = ["# Benchmarks", "",
-             "Written by `python -m bench` (`make bench`); every figure below comes from one run of it, with "
-             "its reference measured in the same run on the same machine. Nothing here is a test: the "
-             "suite never asserts a time.", "",
+             "Written by `python -m bench` (`make bench`); every part's figures come from one run of it, with "
+             "its reference measured in the same run on the same machine (a part measured again alone with "
+             "`--only` says its own date and commit). Nothing here is a test: the suite never asserts a time.", "",
              f"- run: {started:%Y-%m-%d %H:%M} UTC{' (--quick: smoke sizes, not representative)' if quick else ''}, "
              f"commit {info.get('commit') or '?'}",
              f"- machine: {info.get('cpu', '?')}, {info.get('cpus')} cores, {info.get('memory_gib', '?')} GiB, "
@@ -175,6 +175,8 @@ def write_doc(path: Path, results: list[dict], info: dict, started: datetime, qu
         lines += ["", f"## {TITLES.get(res['name'], res['name'])}", ""]
         if res.get("error"):
             lines += [f"Failed in this run: `{res['error']}`", ""]
+        if res.get("measured"):
+            lines += [f"Measured {res['measured']}, commit {res.get('commit') or '?'}.", ""]
         if res.get("summary"):
             lines += [res["summary"], ""]
         lines += ["| " + " | ".join(HEADERS[:-1]) + " | |", "|" + "---|" * len(HEADERS)]
@@ -184,9 +186,10 @@ def write_doc(path: Path, results: list[dict], info: dict, started: datetime, qu
             lines += ["", *notes]
         for plot in res.get("plots", []):
             plot = Path(plot)
+            target = assets / f"{res['name']}-{plot.name}"
             if plot.is_file():
-                target = assets / f"{res['name']}-{plot.name}"
                 shutil.copyfile(plot, target)
+            if target.is_file():  # (a part kept from an earlier run: its plot is already there)
                 lines += ["", f"![{plot.stem}](benchmarks/{target.name})"]
     lines += ["", "## What these benchmarks changed", "",
               "Earlier runs (2026-11-29), before and after each fix, on the machine each item names; the figures "
@@ -239,7 +242,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             res = {"name": name, "rows": [], "plots": [], "raw": {}, "error": f"{type(exc).__name__}: {exc}"}
         res["seconds"] = round(time.monotonic() - t0, 1)
+        res["measured"], res["commit"] = f"{started:%Y-%m-%d %H:%M} UTC", info.get("commit")
         results.append(res)
+    saved_path = Path(args.doc).parent / "benchmarks" / "results.json"
+    if args.only and not args.no_doc and not args.quick and saved_path.is_file():
+        # the parts not run keep their figures (and dates) from the document's last results
+        saved = json.loads(saved_path.read_text())
+        ran = {r["name"] for r in results}
+        kept = {r["name"]: {**r, "measured": r.get("measured") or f"{saved['started'][:16].replace('T', ' ')} UTC",
+                            "commit": r.get("commit") or saved["machine"].get("commit")}
+                for r in saved["results"] if r["name"] not in ran}
+        loads = {**{k: v for k, v in saved.get("load", {}).items() if k in kept}, **loads}
+        results = [next(r for r in results if r["name"] == n) if n in ran else kept[n]
+                   for n in MODULES if n in ran or n in kept]
     print()
     print_table(results)
     if not args.no_doc:

@@ -30,7 +30,8 @@ pool (store/db.py). Jobs/s = jobs / wall time from releasing the claimers to the
 The same again in batches of 4, as the worker claims (`worker_batch_studies`): `claim_jobs(limit=4)`,
 then `complete_job` per job in its own session; the reference claims 4 with one SELECT … LIMIT 4 FOR
 UPDATE SKIP LOCKED + UPDATE … RETURNING and completes each in its own transaction. The issue's target
-(≥ 1000 jobs/s with 4 claimers and ≥ 0.7× the floor) is read off the batched rows. A second raw
+(≥ 1000 jobs/s with 4 claimers and ≥ 0.7× the floor) is read off the batched rows. Every figure is
+the median of 3 rounds, each configuration measured in turn with the others. A second raw
 reference in batches of 4 runs the node's own statements (the job's UPDATE … RETURNING study_id, then
 the study's UPDATE, in one transaction per job): against it the ratio is what the framework costs
 (SQLAlchemy, the ORM session), apart from the study bookkeeping the job-only floor leaves out.
@@ -266,11 +267,23 @@ def _claimer(url: str, mode: str, ready, start, results, index: int, batch: int 
         results.put((index, count, f"{type(exc).__name__}: {exc}"))
 
 
-def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar, batches: tuple[int, ...] = (1, 4)) -> dict:
+CLAIM_ROUNDS = 3  # each claim configuration is measured this often, the rounds interleaved; the median counts
+
+
+def claim_runs(claimers: tuple[int, ...], batches: tuple[int, ...] = (1, 4)) -> list[tuple[str, int, int]]:
+    """(mode, claimers, batch) of one round of the claim-rate measurement."""
+    return [(mode, c, b) for b in batches for mode in (("ours", "raw", "raw_study") if b > 1 else ("ours", "raw"))
+            for c in claimers]
+
+
+def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar, batches: tuple[int, ...] = (1, 4),
+                rounds: int = CLAIM_ROUNDS) -> dict:
+    """Jobs/s per configuration: the median of `rounds` measurements taken in turn with the others (so
+    that a burst of load on this shared machine hits every configuration alike), and every run."""
     from sqlalchemy import text
     from osteoscreen.store.db import Database
     from osteoscreen.store.models import Job, Study
-    out = {}
+    measured: dict[str, list[float]] = {}
     with PgDatabase("osteo_bench_claim") as pg:
         db = Database(pg.url)
         with db.session() as s:
@@ -281,9 +294,7 @@ def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar, batches: tuple[int,
             s.commit()
         db.dispose()
         ctx = multiprocessing.get_context("fork")
-        runs = [(mode, c, b) for b in batches for mode in (("ours", "raw", "raw_study") if b > 1 else ("ours", "raw"))
-                for c in claimers]
-        for mode, c, batch in runs:
+        for mode, c, batch in claim_runs(claimers, batches) * rounds:
             db = Database(pg.url, migrate=False)
             with db.session() as s:
                 s.execute(text("UPDATE jobs SET state='queued', attempts=0, lease_owner=NULL, "
@@ -310,10 +321,19 @@ def _claim_rate(n_jobs: int, claimers: tuple[int, ...], bar, batches: tuple[int,
             total = sum(n for _, n, _ in got)
             if total != n_jobs:
                 raise RuntimeError(f"{mode} x{c}: {total} jobs completed, expected {n_jobs}")
-            out[f"{mode}_{c}" + (f"_batch{batch}" if batch > 1 else "")] = {"jobs_per_s": n_jobs / elapsed, "elapsed_s": elapsed,
-                                                          "per_claimer": sorted(n for _, n, _ in got)}
+            measured.setdefault(f"{mode}_{c}" + (f"_batch{batch}" if batch > 1 else ""), []).append(n_jobs / elapsed)
             bar.update()
-    return out
+    return {key: {"jobs_per_s": float(np.median(v)), "runs": v} for key, v in measured.items()}
+
+
+def _spread(rates: dict, key: str) -> str:
+    """The runs behind a median: what one run on this shared machine may differ by."""
+    ours, ref = rates[f"ours_{key}"].get("runs"), rates[f"raw_{key}"].get("runs")
+    if not ours or not ref or len(ours) < 2:
+        return ""
+    ratios = sorted(o / r for o, r in zip(ours, ref))
+    return (f"; medians of {len(ours)} rounds: ours {min(ours):.0f}–{max(ours):.0f} jobs/s, the floor "
+            f"{min(ref):.0f}–{max(ref):.0f}, the ratio per round {ratios[0]:.2f}–{ratios[-1]:.2f}")
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
@@ -328,7 +348,8 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
     backends = ["sqlite"] + (["postgresql"] if pg_available() else [])
     plan = {b: ((1,) if b == "sqlite" else (2,)) if quick else worker_counts for b in backends}
     configs = [(b, w) for b in backends for w in plan[b]]
-    bar = progress_bar(min(k, 12) + len(configs) * k + (2 * len(claimers) if "postgresql" in backends else 0),
+    bar = progress_bar(min(k, 12) + len(configs) * k + (len(claim_runs(claimers)) * CLAIM_ROUNDS
+                                                          if "postgresql" in backends else 0),
                        "throughput", progress)
     raw: dict = {"studies": k, "load_before": load_average(), "configs": {}, "backends": backends}
     bar.set_postfix_str("synthesising")
@@ -387,7 +408,8 @@ def run(quick: bool, workdir: Path, progress: bool = True) -> dict:
                             met=(ours >= 1000 and ours >= 0.7 * ref) if c == 4 else None,
                             note="as the worker claims (worker_batch_studies 4): claim_jobs(limit=4), then "
                                  "complete_job per job in its own session; the reference claims 4 with one "
-                                 "SELECT … LIMIT 4 FOR UPDATE SKIP LOCKED + UPDATE … RETURNING, then one UPDATE per job"))
+                                 "SELECT … LIMIT 4 FOR UPDATE SKIP LOCKED + UPDATE … RETURNING, then one UPDATE per job"
+                                 + _spread(raw["claim_rate"], key)))
             same = raw["claim_rate"].get(f"raw_study_{key}", {}).get("jobs_per_s")
             if same:
                 rows.append(row(f"queue claims/s on PostgreSQL, {c} claimer{'s' if c > 1 else ''}, batches of 4, "
