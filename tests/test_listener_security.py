@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,11 @@ def test_unknown_calling_ae_is_rejected_and_audited(tmp_path, make_node):
     assoc = pynetdicom_assoc(node.listener.port, "INTRUDER", "OSTEOSCREEN")
     assert assoc.is_rejected
     assert node.instances() == 0 and node.spool_files() == []
-    rejected = node.audit("association_rejected")
+    # the server's rejection handler writes its audit row after the A-ASSOCIATE-RJ has gone out: the
+    # peer may see the rejection first, so the rows are waited for (a few seconds at most)
+    deadline = time.monotonic() + 10
+    while len(rejected := node.audit("association_rejected")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(rejected) == 3
     assert {r.peer for r in rejected} == {"WRONG", "INTRUDER"}
     assert all("calling AE title not recognised" in r.detail for r in rejected)
