@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,10 +67,6 @@ def _ping_when_idle(engine: Engine) -> None:
     SQLAlchemy's "Disconnect Handling - Pessimistic" documents for checkout events). A connection that
     dies while in use raises once; SQLAlchemy then invalidates the pool, and the callers' retries
     (the sender's, the worker's) meet fresh connections."""
-    import time
-
-    from sqlalchemy import exc
-
     @event.listens_for(engine, "checkin")
     def _rested_from(_dbapi_conn, record):
         if record is not None:
@@ -82,7 +80,7 @@ def _ping_when_idle(engine: Engine) -> None:
         try:
             engine.dialect.do_ping(dbapi_conn)  # what pool_pre_ping runs (psycopg: in autocommit)
         except Exception as error:  # any failure: this connection is not to be trusted
-            raise exc.DisconnectionError(f"pooled connection failed its ping: {type(error).__name__}") from error
+            raise DisconnectionError(f"pooled connection failed its ping: {type(error).__name__}") from error
 
 
 def alembic_config(url: str | None = None, connection: Connection | None = None):

@@ -158,9 +158,9 @@ _claimable = or_(_jobs.c.state == "queued",
                  and_(_jobs.c.state == "running", _jobs.c.lease_expires_at < bindparam("now")))
 _CANDIDATES = (select(_jobs.c.id, _jobs.c.attempts).where(_claimable, _jobs.c.attempts < bindparam("max_attempts"))
                .order_by(_jobs.c.id).limit(bindparam("limit")).with_for_update(skip_locked=True))
-_TAKE = (update(_jobs).where(_jobs.c.id.in_(bindparam("ids", expanding=True)), _claimable)
-         .values(state="running", lease_owner=bindparam("owner"), attempts=_jobs.c.attempts + 1,
-                 lease_expires_at=bindparam("lease"))
+_TAKEN = {"state": "running", "lease_owner": bindparam("owner"), "attempts": _jobs.c.attempts + 1,
+          "lease_expires_at": bindparam("lease")}  # what a claim sets (both claim statements)
+_TAKE = (update(_jobs).where(_jobs.c.id.in_(bindparam("ids", expanding=True)), _claimable).values(_TAKEN)
          .returning(_jobs.c.id, _jobs.c.study_id, _jobs.c.attempts))
 # On PostgreSQL the same in one statement: the candidates locked in a CTE, the fresh ones (or the oldest
 # alone, when it was tried before) taken by the UPDATE. The rows stay locked for one round trip, not
@@ -172,24 +172,20 @@ _oldest_attempts, _oldest_id = (_oldest.with_only_columns(_locked.c.attempts).sc
 _CLAIM = (update(_jobs).where(_jobs.c.id.in_(select(_locked.c.id).where(or_(
               and_(_oldest_attempts == 0, _locked.c.attempts == 0),
               and_(_oldest_attempts > 0, _locked.c.id == _oldest_id)))))
-          .values(state="running", lease_owner=bindparam("owner"), attempts=_jobs.c.attempts + 1,
-                  lease_expires_at=bindparam("lease"))
+          .values(_TAKEN)
           .returning(_jobs.c.id, _jobs.c.study_id, _jobs.c.attempts))
 _DONE = (update(_jobs).where(_jobs.c.id == bindparam("job_id"), _jobs.c.lease_owner == bindparam("owner"),
                              _jobs.c.state == "running")
          .values(state="done", finished_at=bindparam("at"), error=None).returning(_jobs.c.study_id))
 # only close the study if no new image re-opened it while the worker worked (one statement for both)
-_REPORTED = (update(_studies).where(_studies.c.id == bindparam("study_id"))
-             .values(status=case((_studies.c.status == "queued", "screened"), else_=_studies.c.status),
-                     reported_at=bindparam("at"), last_report_uid=bindparam("report_uid"),
-                     last_report_path=bindparam("report_path")))
+_REPORT = {"status": case((_studies.c.status == "queued", "screened"), else_=_studies.c.status),
+           "reported_at": bindparam("at"), "last_report_uid": bindparam("report_uid"),
+           "last_report_path": bindparam("report_path")}  # what a completion sets on the study (both paths)
+_REPORTED = update(_studies).where(_studies.c.id == bindparam("study_id")).values(_REPORT)
 # On PostgreSQL both in one statement (a data-modifying CTE): a round trip and a statement fewer per
 # completed job, what lifted the batched claim rate from 0.61× to 0.71× the raw floor (bench/throughput.py)
 _done = _DONE.cte("done")
-_DONE_AND_REPORTED = (update(_studies).where(_studies.c.id == _done.c.study_id)
-                      .values(status=case((_studies.c.status == "queued", "screened"), else_=_studies.c.status),
-                              reported_at=bindparam("at"), last_report_uid=bindparam("report_uid"),
-                              last_report_path=bindparam("report_path"))
+_DONE_AND_REPORTED = (update(_studies).where(_studies.c.id == _done.c.study_id).values(_REPORT)
                       .returning(_studies.c.id))
 
 
