@@ -234,10 +234,10 @@ def _validate_destinations(destinations: list) -> None:
             raise ConfigError(f"destinations: {d} appears twice")
         seen.add(str(d))
         if isinstance(d, DicomWebDestination):
-            _validate_dicomweb(d)
+            _validate_dicomweb_destination(d)
 
 
-def _validate_dicomweb(d: DicomWebDestination) -> None:
+def _validate_dicomweb_destination(d: DicomWebDestination) -> None:
     where = f"destination {d}"
     if d.auth not in DICOMWEB_AUTH:
         raise ConfigError(f"{where}: auth {d.auth!r} must be one of {', '.join(DICOMWEB_AUTH)}")
