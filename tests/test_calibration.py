@@ -8,13 +8,14 @@ from copy import deepcopy
 
 import numpy as np
 import pytest
+import torch
 from pydicom import dcmread
 
 from osteoscreen.cli import main
 from osteoscreen.config import DEFAULT_MODEL
 from osteoscreen.model.calibration import (Calibration, CalibrationError, parse_scanner_key, scanner_key)
 from osteoscreen.model.inference import LoadedModel, ScannerModels
-from osteoscreen.pipeline.crops import CROP_SIZE
+from osteoscreen.pipeline.crops import CROP_SIZE, normalise
 from osteoscreen.pipeline.screen import StudyImage, screen_studies, screen_study
 from osteoscreen.reports.read import read_sr
 from osteoscreen.synth import make_study, synthesize
@@ -298,8 +299,8 @@ def test_batchnorm_adaptation_mixes_source_and_target_and_travels_in_the_record(
 
 
 def test_feature_correction_takes_what_the_line_leaves(tmp_path):
-    """Where the error varies from image to image with something the features see, the ridge on the
-    pooled features removes it and cross_fit keeps it; on features that carry nothing it gains nothing."""
+    """Where the error varies from image to image with something the features see, the feature
+    correction removes it and cross_fit keeps it; on features that carry nothing it gains nothing."""
     from osteoscreen.training.recalibrate import Labelled, cross_fit
     rng = np.random.default_rng(5)
     n = 240
@@ -307,21 +308,28 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
     features = rng.normal(0, 1, (n, 12))
     pred = truth + 0.3 + 0.5 * features[:, 0] + rng.normal(0, 0.1, n)  # processing-dependent error
 
-    def labelled(f):
-        return Labelled(t_pred=pred, t_true=truth, site_types=np.zeros(n, int), logits=np.zeros((n, 3)),
+    def labelled(f, p=pred):
+        return Labelled(t_pred=p, t_true=truth, site_types=np.zeros(n, int), logits=np.zeros((n, 3)),
                         groups=np.repeat(np.arange(n // 2), 2).astype(str),
                         labels=np.where(truth <= -2.5, 2, np.where(truth < -1, 1, 0)),
                         region_pred={}, region_true={}, features=f)
 
-    cf = cross_fit(labelled(features), 0.9)
-    hip = cf.feature_choice["hip"]
-    assert cf.feature_types == ["hip"] and hip["used"]
-    assert hip["mae_features"] < 0.5 * hip["mae_line"]  # the line cannot remove the feature-dependent part
-    assert np.abs(cf.corrected - truth).mean() == pytest.approx(hip["mae_features"])
-    noise = cross_fit(labelled(rng.normal(0, 1, (n, 12))), 0.9).feature_choice["hip"]
-    assert noise["mae_features"] > 0.9 * noise["mae_line"]  # nothing to learn: about the line's error
+    cf = cross_fit(labelled({"pooled": features}), 0.9)
+    hip = cf.feature_report["hip"]
+    assert cf.feature_choice == {"hip": ("pooled", "ridge")} and hip["used"] == "pooled ridge"
+    assert hip["mae"]["pooled ridge"] < 0.5 * hip["mae_line"]  # the line cannot remove the feature-dependent part
+    assert np.abs(cf.corrected - truth).mean() == pytest.approx(hip["mae"]["pooled ridge"])
+    noise = cross_fit(labelled({"pooled": rng.normal(0, 1, (n, 12))}), 0.9).feature_report["hip"]
+    assert noise["mae"]["pooled ridge"] > 0.9 * noise["mae_line"]  # nothing to learn: about the line's error
+    # an error that does not grow linearly with the feature: the kernel ridge wins, the linear one cannot
+    bent = truth + 0.3 + 0.8 * np.abs(features[:, 0]) + rng.normal(0, 0.1, n)
+    curved = cross_fit(labelled({"channel_stats": features}, bent), 0.9)
+    report = curved.feature_report["hip"]
+    assert curved.feature_choice == {"hip": ("channel_stats", "kernel")}
+    assert report["mae"]["channel_stats kernel"] < 0.75 * report["mae"]["channel_stats ridge"]
 
-    # applied per crop of its site type, only with the features given, and kept by the record
+    # applied per crop of its site type, only with the features given, and kept by the record; a
+    # record without "features" and "kind" (made on 2026-12-02) is a ridge on the pooled features
     model = LoadedModel(DEFAULT_MODEL, "cpu")
     width = model.net.arch["widths"][-1]
     fit = {"mean": [0.0] * width, "scale": [1.0] * width, "coef": [0.5] + [0.0] * (width - 1), "intercept": 0.2,
@@ -330,15 +338,19 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
                       feature_correction={"hip": fit})
     feats = np.zeros((2, width))
     feats[:, 0] = [1.0, 2.0]
-    assert cal.correct(np.array([-1.0, -1.0]), np.array([0, 1]), features=feats) == pytest.approx([-0.3, -1.0])
+    assert cal.correct(np.array([-1.0, -1.0]), np.array([0, 1]), features={"pooled": feats}) == \
+        pytest.approx([-0.3, -1.0])
     with pytest.raises(ValueError, match="features"):
         cal.correct(np.array([-1.0]), np.array([0]))
+    with pytest.raises(ValueError, match="pooled"):
+        cal.correct(np.array([-1.0]), np.array([0]), features={"channel_stats": feats[:1]})
     again = Calibration.load(cal.save(tmp_path / "f.json"))
     assert again.feature_correction == cal.feature_correction and again.id == cal.id
-    broken = again.to_json()
-    broken["feature_correction"]["hip"]["coef"] = [0.5]
-    with pytest.raises(CalibrationError, match="malformed"):
-        Calibration.from_json(broken)
+    for key, value in (("coef", [0.5]), ("features", "histogram"), ("kind", "forest"), ("intercept", float("nan"))):
+        broken = again.to_json()
+        broken["feature_correction"]["hip"][key] = value
+        with pytest.raises(CalibrationError, match="malformed"):
+            Calibration.from_json(broken)
     # at inference: the site T moves by the term of the crop's own pooled features, its neck T does not
     crops = np.random.default_rng(6).uniform(-1, 1, (2, CROP_SIZE, CROP_SIZE)).astype(np.float32)
     cov, st = np.zeros((2, 7), np.float32), np.zeros(2, np.int64)
@@ -347,6 +359,43 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
     assert b.t_scores - a.t_scores == pytest.approx(0.2 + 0.5 * a.embeddings[:, 0], abs=1e-6)
     for name, values in (a.region_t_scores or {}).items():
         assert b.region_t_scores[name] == pytest.approx(values, nan_ok=True)
+
+
+def test_kernel_feature_correction_on_channel_statistics(tmp_path):
+    """A kernel ridge fit on the channel statistics is kept by its record and applied at inference to
+    the statistics the node computes, the same as calibrate computes them."""
+    from osteoscreen.model.network import channel_statistics
+    from osteoscreen.training.batches import predict_outputs
+    from osteoscreen.training.dataset import Samples
+    from osteoscreen.training.feature_correction import fit_feature_correction
+    model = LoadedModel(DEFAULT_MODEL, "cpu")
+    rng = np.random.default_rng(8)
+    raw = rng.uniform(0, 1, (24, CROP_SIZE, CROP_SIZE)).astype(np.float32)
+    samples = Samples(crops=raw, covariates=np.zeros((24, 7), np.float32), site_types=np.zeros(24, np.int64),
+                      t_scores=np.zeros(24, np.float32), labels=np.zeros(24, np.int64), groups=np.arange(24).astype(str),
+                      sites=np.full(24, "left_hip"))
+    out = predict_outputs(model.net, samples, torch.device("cpu"), tta=model.tta)
+    stats = out.channel_stats.numpy().astype(np.float64)
+    widths = model.net.arch["widths"]
+    assert stats.shape == (24, 2 * sum(widths))  # stem, stage 1, the Grad-CAM map, the last map
+    assert stats[:, -2 * widths[3]:-widths[3]] == pytest.approx(out.features.numpy(), abs=1e-5)  # last map's means
+    assert channel_statistics([torch.ones(2, 3, 4, 4)]).tolist() == [[1, 1, 1, 0, 0, 0]] * 2
+    z = (stats[:, 0] - stats[:, 0].mean()) / stats[:, 0].std()
+    residuals = np.abs(z) + 0.1 * rng.normal(size=24)
+    fit = fit_feature_correction(stats, residuals, np.ones(24), "channel_stats", "kernel", groups=samples.groups)
+    assert fit["kind"] == "kernel" and len(fit["support"]) == 24 and len(fit["support"][0]) == stats.shape[1]
+    cal = Calibration(created="2026-12-03T01:00:00+00:00", model=model.identity(), scanner=SYNTH_D,
+                      feature_correction={"hip": fit})
+    again = Calibration.load(cal.save(tmp_path / "k.json"))
+    assert again.id == cal.id
+    crops = np.stack([normalise(c) for c in raw[:4]])
+    plain = model.with_calibration(Calibration(**{**cal.__dict__, "id": "", "feature_correction": {}}))
+    a, b = plain.predict(crops, np.zeros((4, 7)), np.zeros(4, np.int64)), model.with_calibration(again).predict(
+        crops, np.zeros((4, 7)), np.zeros(4, np.int64))
+    assert a.channel_stats == pytest.approx(stats[:4], rel=1e-3, abs=1e-3)  # the node's statistics are calibrate's (to the SD's ddof)
+    expected = again.correct(a.t_scores, np.zeros(4, int), features={"channel_stats": stats[:4]}) - a.t_scores
+    assert b.t_scores - a.t_scores == pytest.approx(expected, abs=1e-4)
+    assert np.ptp(b.t_scores - a.t_scores) > 0  # not a constant shift
 
 
 def test_calibrations_made_before_feature_corrections_keep_their_ids():

@@ -10,8 +10,9 @@ It may hold, each part optional:
 - ``t_correction``: per site type a linear T-score correction ``a + b·T`` (b shrunk toward 1 when
   cases are few), fitted on local DXA-labelled cases;
 - ``feature_correction``: per site type, where the local cases support it, a ridge regression of what
-  the line leaves on the image's pooled features (``training.feature_correction``): the part of a
-  scanner's error that varies from image to image with its processing;
+  the line leaves on image features the network computes (``training.feature_correction``): the
+  part of a scanner's error that varies from image to image with its processing. Each fit names its
+  feature set (`FEATURE_SETS`; "pooled" where a record made before the choice existed names none);
 - ``residuals``: per interval bin (``hip``, ``lumbar_ap``, ``lumbar_lat``, ``lumbar_fused``) the
   signed out-of-fold residuals (true − corrected estimate) from which split-conformal prediction
   intervals are made (Mondrian: one quantile per bin, by crepes).
@@ -39,6 +40,9 @@ FORMAT = "osteoscreen-calibration/1"
 SITE_TYPE_NAMES = ("hip", "lumbar_ap", "lumbar_lat")  # pipeline.crops.SITE_TYPES, the model's site types
 INTERVAL_BINS = (*SITE_TYPE_NAMES, "lumbar_fused")
 MIN_BIN_RESIDUALS = 9  # fewer residuals than this give no 90 % interval (crepes would return ±inf)
+# image features a feature correction may read (model.inference.Prediction.feature_sets): the last
+# map's pooled features (the gate's, 96), or every map's per-channel means and SDs (416)
+FEATURE_SETS = ("pooled", "channel_stats")
 
 
 class CalibrationError(ValueError):
@@ -83,7 +87,7 @@ class Calibration:
     # probabilities read off the conformal predictive distribution of the corrected T-score
     probabilities: str = "classifier"
     t_correction: dict = field(default_factory=dict)  # output ("hip", "hip:femoral_neck", …) → {intercept, slope}
-    feature_correction: dict = field(default_factory=dict)  # site type → {mean, scale, coef, intercept, alpha, n}
+    feature_correction: dict = field(default_factory=dict)  # site type → {features, mean, scale, coef, intercept, alpha, n}
     residuals: dict = field(default_factory=dict)  # interval bin → signed residuals
     report: dict = field(default_factory=dict)
     created_by: str = ""
@@ -116,10 +120,10 @@ class Calibration:
 
     # ---- application
     def correct(self, t: np.ndarray, site_types: np.ndarray, output: str = "",
-                features: np.ndarray | None = None) -> np.ndarray:
+                features: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Apply the linear T-score corrections (identity where none was fitted), then, for the site
-        estimate (`output` ""), the feature corrections of the crops' pooled `features` (N×F; the
-        features the out-of-distribution gate reads). `output` names a sub-region output
+        estimate (`output` ""), the feature corrections, each reading its feature set from
+        `features` (name → N×F arrays, `FEATURE_SETS`). `output` names a sub-region output
         ("femoral_neck"), corrected by its own line or else by its site type's."""
         t = np.asarray(t, dtype=np.float64).copy()
         site_types = np.asarray(site_types)
@@ -132,7 +136,10 @@ class Calibration:
                 t[m] = fit["intercept"] + fit["slope"] * t[m]
             feature_fit = None if output else self.feature_correction.get(name)
             if feature_fit and m.any():
-                t[m] += feature_term(feature_fit, np.asarray(features)[m])
+                which = feature_set(feature_fit)
+                if features.get(which) is None:
+                    raise ValueError(f"calibration {self.id} corrects {name} with the {which} features: pass them")
+                t[m] += feature_term(feature_fit, np.asarray(features[which])[m])
         return t
 
     def class_probabilities(self, t: np.ndarray, bins: list[str]) -> np.ndarray:
@@ -209,12 +216,7 @@ class Calibration:
         if not isinstance(cal.model, dict) or "weights_sha256" not in cal.model:
             raise CalibrationError(f"{source} does not say which model it calibrates")
         for name, fit in (cal.feature_correction or {}).items():
-            try:
-                sizes = {len(fit[k]) for k in ("mean", "scale", "coef")}
-                finite = np.isfinite([*fit["mean"], *fit["scale"], *fit["coef"], fit["intercept"]]).all()
-            except (KeyError, TypeError, ValueError):
-                sizes, finite = set(), False
-            if name not in SITE_TYPE_NAMES or len(sizes) != 1 or not finite:
+            if name not in SITE_TYPE_NAMES or not _well_formed(fit):
                 raise CalibrationError(f"{source}: feature correction {name!r} is malformed")
         return cal
 
@@ -230,10 +232,41 @@ class Calibration:
         return cls.from_json(data, str(path))
 
 
+def feature_set(fit: dict) -> str:
+    """The feature set a feature correction reads."""
+    return fit.get("features", "pooled")
+
+
 def feature_term(fit: dict, features: np.ndarray) -> np.ndarray:
-    """A feature correction's term for each row of `features` (added to the line-corrected estimate)."""
+    """A feature correction's term for each row of `features` (added to the line-corrected estimate):
+    linear ("ridge") or a Gaussian kernel over the fit's support ("kernel")."""
     x = (np.asarray(features, np.float64) - np.asarray(fit["mean"])) / np.asarray(fit["scale"])
+    if fit.get("kind", "ridge") == "kernel":
+        support = np.asarray(fit["support"], np.float64)
+        sq = (x ** 2).sum(1)[:, None] + (support ** 2).sum(1)[None, :] - 2 * x @ support.T
+        return fit["intercept"] + np.exp(-fit["gamma"] * np.maximum(sq, 0.0)) @ np.asarray(fit["dual_coef"])
     return fit["intercept"] + x @ np.asarray(fit["coef"])
+
+
+def _well_formed(fit) -> bool:
+    """A feature correction record has consistent sizes and finite numbers."""
+    try:
+        if feature_set(fit) not in FEATURE_SETS or fit.get("kind", "ridge") not in ("ridge", "kernel"):
+            return False
+        mean, scale = np.asarray(fit["mean"], np.float64), np.asarray(fit["scale"], np.float64)
+        numbers = [mean, scale, np.asarray([fit["intercept"]], np.float64)]
+        if fit.get("kind", "ridge") == "kernel":
+            support, dual = np.asarray(fit["support"], np.float64), np.asarray(fit["dual_coef"], np.float64)
+            numbers += [support, dual, np.asarray([fit["gamma"]], np.float64)]
+            shapes_ok = support.ndim == 2 and support.shape[1] == len(mean) and dual.shape == (len(support),)
+        else:
+            coef = np.asarray(fit["coef"], np.float64)
+            numbers.append(coef)
+            shapes_ok = coef.shape == mean.shape
+        return bool(shapes_ok and mean.ndim == 1 and scale.shape == mean.shape
+                    and all(np.isfinite(v).all() for v in numbers))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
 
 
 def _fallback(cal: Calibration, bin_name: str) -> str | None:

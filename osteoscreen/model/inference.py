@@ -28,7 +28,7 @@ import torch
 from ..findings import ModelInfo
 from ..equipment import ScannerKeyError, ScannerKeys
 from .calibration import SITE_TYPE_NAMES, Calibration, CalibrationError, weights_hash
-from .network import OsteoNet
+from .network import OsteoNet, channel_statistics
 
 log = logging.getLogger("osteoscreen.model")
 
@@ -78,6 +78,7 @@ class Prediction:
     ood_distance: np.ndarray | None = None  # N, Mahalanobis distance to the training crops of that site type
     ood_threshold: np.ndarray | None = None  # N, the distance above which a crop is out of distribution
     implant_probability: np.ndarray | None = None  # N, from the implant head where the model has one
+    channel_stats: np.ndarray | None = None  # N×416 per-channel means and SDs of the maps (network.channel_statistics)
 
     def out_of_distribution(self) -> np.ndarray:
         if self.ood_distance is None or self.ood_threshold is None:
@@ -192,9 +193,10 @@ class LoadedModel:
         if not parts:
             s = crops.shape[-1] if crops.ndim == 3 else 0
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
-        probs, ts, cams, embs, implant = (np.concatenate(p) for p in zip(*parts))
+        probs, ts, cams, embs, implant, stats = (np.concatenate(p) for p in zip(*parts))
         if self.calibration is not None:  # the calibration's T-score corrections, per site type
-            ts = np.stack([self.calibration.correct(ts[:, k], site_types, name, features=embs)
+            features = {"pooled": embs, "channel_stats": stats}  # calibration.FEATURE_SETS
+            ts = np.stack([self.calibration.correct(ts[:, k], site_types, name, features=features)
                            for k, name in enumerate(["", *self.region_names])], axis=1)
             if self.calibration.probabilities == "predictive":
                 predictive = self.calibration.class_probabilities(ts[:, 0], [SITE_TYPE_NAMES[t] for t in site_types])
@@ -202,7 +204,7 @@ class LoadedModel:
                 probs[ok] = predictive[ok]
         regions = {name: ts[:, k + 1] for k, name in enumerate(self.region_names)} or None
         pred = Prediction(probs, ts[:, 0], cams, embs, regions,
-                          implant_probability=implant if self.net.implant is not None else None)
+                          implant_probability=implant if self.net.implant is not None else None, channel_stats=stats)
         if self.ood:
             dist, limit = np.full(len(ts), np.nan), np.full(len(ts), np.inf)
             for st, (mean, precision, threshold) in self.ood.items():
@@ -223,8 +225,9 @@ class LoadedModel:
         x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None].to(self.device)
         cov = torch.from_numpy(np.asarray(covariates, dtype=np.float32)).to(self.device)
         st = torch.from_numpy(np.asarray(site_types, dtype=np.int64)).to(self.device)
+        taps: list[torch.Tensor] = []
         with torch.no_grad(), self.autocast():
-            early = self.net.early_features(x)
+            early = self.net.early_features(x, taps)
         early = early.detach().float().requires_grad_(True)
         with self.autocast():  # (mixed precision) the network in half precision; what follows in float32
             fmap = self.net.stage3(early)
@@ -256,8 +259,9 @@ class LoadedModel:
                 logits, t_norm = logits / len(TTA_VIEWS), t_norm / len(TTA_VIEWS)
             probs = torch.softmax(logits / self.temperature, dim=1)
             t = t_norm * self.t_std + self.t_mean
+            stats = channel_statistics([m.float() for m in taps] + [early.detach(), fmap])
         return (probs.cpu().numpy(), t.cpu().numpy(), cam.cpu().numpy(),
-                fmap.mean(dim=(2, 3)).cpu().numpy(), torch.sigmoid(implant.detach()).cpu().numpy())
+                fmap.mean(dim=(2, 3)).cpu().numpy(), torch.sigmoid(implant.detach()).cpu().numpy(), stats.cpu().numpy())
 
 
 class ScannerModels:

@@ -76,12 +76,20 @@ class OsteoNet(nn.Module):
         self.regressor = nn.Linear(64, n_t_outputs)
         self.implant = nn.Linear(64, 1) if implant_head else None
 
-    def early_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 16×16 map after the non-local block: the Grad-CAM layer."""
-        return self.context(self.stage2(self.stage1(self.stem(x))))
+    def early_features(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        """The 16×16 map after the non-local block: the Grad-CAM layer. `taps`, if given, receives
+        the stem's and stage 1's maps on the way (for `channel_statistics`)."""
+        stem = self.stem(x)
+        s1 = self.stage1(stem)
+        if taps is not None:
+            taps.extend([stem, s1])
+        return self.context(self.stage2(s1))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage3(self.early_features(x))
+    def features(self, x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        early = self.early_features(x, taps)
+        if taps is not None:
+            taps.append(early)
+        return self.stage3(early)
 
     def _joint(self, fmap, covariates, site_type):
         pooled = fmap.mean(dim=(2, 3))
@@ -101,3 +109,11 @@ class OsteoNet(nn.Module):
 
     def forward(self, x, covariates, site_type):
         return self.head(self.features(x), covariates, site_type)
+
+
+def channel_statistics(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per channel, the spatial mean and standard deviation of each map (stem, stage 1, the Grad-CAM
+    map, the last map): N × 2·Σchannels (416 for the default widths). The early layers' statistics
+    describe an image's contrast and texture, which is what a scanner's processing chain changes;
+    the site calibration's feature correction reads them (training/feature_correction.py)."""
+    return torch.cat([torch.cat([m.mean(dim=(2, 3)), m.std(dim=(2, 3))], dim=1) for m in maps], dim=1)

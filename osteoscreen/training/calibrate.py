@@ -29,9 +29,9 @@ from ..model.inference import LoadedModel, mahalanobis
 from .adapt import DEFAULT_SITE_TYPE_SHARES, adapt_batchnorm, refit_gate
 from .dataset import REGION_OUTPUTS, Samples, extract_samples
 from .evaluate import evaluate_arrays, wilson_ci
-from .recalibrate import Labelled, bins_of, cross_fit, fit_corrections, fit_feature_corrections, \
+from .recalibrate import FOLDS, Labelled, bins_of, cross_fit, fit_corrections, fit_feature_corrections, \
     fit_temperature_weighted, class_weights, residuals_by_bin
-from .batches import normalise_batch, predict_logits
+from .batches import normalise_batch, predict_outputs
 
 MIN_CROPS = 20  # crops (after the localiser) for any adaptation
 MIN_LABELLED_STUDIES = 20  # labelled studies for a supervised recalibration
@@ -42,11 +42,13 @@ class NotEnoughData(ValueError):
 
 
 def _outputs(net, s: Samples, model: LoadedModel, device) -> dict:
-    logits, t_norm, features, _ = predict_logits(net, s, device, tta=model.tta)
-    t = t_norm.numpy().astype(np.float64) * model.t_std + model.t_mean
-    return {"logits": logits.numpy().astype(np.float64), "t": t[:, 0],
+    o = predict_outputs(net, s, device, tta=model.tta)
+    t = o.t_norm.numpy().astype(np.float64) * model.t_std + model.t_mean
+    return {"logits": o.logits.numpy().astype(np.float64), "t": t[:, 0],
             "regions": {r: t[:, k + 1] for k, r in enumerate(REGION_OUTPUTS) if t.shape[1] > k + 1},
-            "features": features.numpy().astype(np.float64)}
+            "features": o.features.numpy().astype(np.float64),  # the gate's
+            "feature_sets": {"pooled": o.features.numpy().astype(np.float64),
+                             "channel_stats": o.channel_stats.numpy().astype(np.float64)}}
 
 
 def _refused(features: np.ndarray, site_types: np.ndarray, gate: dict) -> np.ndarray:
@@ -103,7 +105,7 @@ def _before(model: LoadedModel, out: dict, lab: np.ndarray, s: Samples) -> tuple
     probs = _softmax(out["logits"][lab] / model.temperature)
     intervals = np.full((int(lab.sum()), 2), np.nan)
     if own is not None:
-        t = own.correct(t, s.site_types[lab], features=out["features"][lab])
+        t = own.correct(t, s.site_types[lab], features={k: v[lab] for k, v in out["feature_sets"].items()})
         if own.probabilities == "predictive":
             probs = own.class_probabilities(t, bins_of(s.site_types[lab]))
         intervals = own.intervals(t, bins_of(s.site_types[lab]), model.interval_level)
@@ -170,12 +172,12 @@ def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = 
                      labels=samples.labels[lab], region_pred={r: v[lab] for r, v in after["regions"].items()},
                      region_true={r: samples.region_t_scores[lab, k].astype(np.float64)
                                   for k, r in enumerate(REGION_OUTPUTS)},
-                     features=after["features"][lab])
+                     features={k: v[lab] for k, v in after["feature_sets"].items()})
         shares = model.checkpoint.get("class_shares")
         cf = cross_fit(d, level, shares, seed)
         everything = np.arange(len(d.t_true))
         cal.t_correction = fit_corrections(d, everything, shares)
-        cal.feature_correction = fit_feature_corrections(d, everything, cal, shares, types=cf.feature_types)
+        cal.feature_correction = fit_feature_corrections(d, everything, cal, cf.feature_choice, shares)
         cal.temperature = fit_temperature_weighted(d.logits, d.labels, class_weights(d.labels, shares))
         cal.residuals = residuals_by_bin(d, cf.corrected)
         ece = {mode: figures(d.t_true, cf.corrected, p, cf.intervals, d.groups)["ece"]
@@ -187,8 +189,8 @@ def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = 
                               "after_cross_validated": _by_type(d, cf.corrected, cf.probabilities[mode], cf.intervals,
                                                                 refused_after[lab]),
                               "ece_by_probability_mode": ece, "probabilities": cal.probabilities,
-                              "interval_level": level, "folds": int(min(5, len(labelled_studies))),
-                              "corrections": cal.t_correction, "feature_correction": cf.feature_choice,
+                              "interval_level": level, "folds": int(min(FOLDS, len(labelled_studies))),
+                              "corrections": cal.t_correction, "feature_correction": cf.feature_report,
                               "temperature": cal.temperature}
         if cf.fused is not None:
             f = cf.fused
@@ -260,8 +262,12 @@ def format_calibration_report(cal: Calibration) -> str:
             f = lab["after_cross_validated"]["lumbar_fused"]
             lines.append(f"  lumbar_fused n {f['n']:4d}  MAE {_ci(f, 'mae')}  coverage {_cov(f)}")
         for name, c in lab.get("feature_correction", {}).items():
-            lines.append(f"  {name:<11} feature correction {'used' if c['used'] else 'not used'}: out-of-fold MAE "
-                         f"{c['mae_line']:.3f} with the line alone, {c['mae_features']:.3f} with the image features")
+            # (a report of 2026-12-02 has one candidate: used true/false and mae_features)
+            maes = c.get("mae", {"pooled ridge": c.get("mae_features")})
+            used = c["used"] if isinstance(c["used"], str) else ("pooled ridge" if c["used"] else None)
+            lines.append(f"  {name:<11} feature correction: {used or 'none (the line alone)'}; out-of-fold MAE "
+                         f"{c['mae_line']:.3f} with the line alone, "
+                         + ", ".join(f"{v:.3f} {k}" for k, v in maes.items() if v is not None))
         lines.append(f"probabilities: {lab['probabilities']} (cross-validated ECE "
                      + ", ".join(f"{k} {v:.3f}" for k, v in lab["ece_by_probability_mode"].items()) + ")")
     if "inherited_from_model" in cal.report:
