@@ -401,3 +401,16 @@ def test_kernel_feature_correction_on_channel_statistics(tmp_path):
 def test_calibrations_made_before_feature_corrections_keep_their_ids():
     own = LoadedModel(DEFAULT_MODEL, "cpu").calibration  # the shipped model's, written before they existed
     assert own is not None and not own.feature_correction and own.content_id() == own.id
+
+
+def test_report_of_a_calibration_made_with_one_feature_candidate_still_prints():
+    """A calibration written on 2026-12-02 (one candidate: used true/false, mae_features) still reads."""
+    from osteoscreen.training.calibrate import format_calibration_report
+    cal = Calibration(created="2026-12-02T10:00:00+00:00", model={"weights_sha256": "x"}, report={"labelled": {
+        "before": {}, "after_cross_validated": {}, "folds": 5, "probabilities": "classifier",
+        "ece_by_probability_mode": {"temperature": 0.02},
+        "feature_correction": {"hip": {"n": 40, "mae_line": 0.4, "mae_features": 0.3, "used": True},
+                               "lumbar_ap": {"n": 20, "mae_line": 0.4, "mae_features": 0.5, "used": False}}}})
+    text = format_calibration_report(cal)
+    assert "hip         feature correction: pooled ridge; out-of-fold MAE 0.400 with the line alone, 0.300 pooled ridge" in text
+    assert "lumbar_ap   feature correction: none (the line alone); out-of-fold MAE 0.400 with the line alone, 0.500" in text

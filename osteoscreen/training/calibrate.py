@@ -266,8 +266,8 @@ def format_calibration_report(cal: Calibration) -> str:
             maes = c.get("mae", {"pooled ridge": c.get("mae_features")})
             used = c["used"] if isinstance(c["used"], str) else ("pooled ridge" if c["used"] else None)
             lines.append(f"  {name:<11} feature correction: {used or 'none (the line alone)'}; out-of-fold MAE "
-                         f"{c['mae_line']:.3f} with the line alone, "
-                         + ", ".join(f"{v:.3f} {k}" for k, v in maes.items() if v is not None))
+                         + ", ".join([f"{c['mae_line']:.3f} with the line alone",
+                                      *(f"{v:.3f} {k}" for k, v in maes.items() if v is not None)]))
         lines.append(f"probabilities: {lab['probabilities']} (cross-validated ECE "
                      + ", ".join(f"{k} {v:.3f}" for k, v in lab["ece_by_probability_mode"].items()) + ")")
     if "inherited_from_model" in cal.report:

@@ -214,7 +214,7 @@ def _choose_feature_corrections(d: Labelled, line: np.ndarray, with_features: di
     chosen, report = {}, {}
     for st, name in enumerate(SITE_TYPE_NAMES):
         m = d.site_types == st
-        if not m.any():
+        if not m.any() or not with_features:
             continue
         mae_line = float(np.abs(d.t_true[m] - line[m]).mean())
         maes = {c: float(np.abs(d.t_true[m] - v[m]).mean()) for c, v in with_features.items()
