@@ -65,13 +65,12 @@ def fit_feature_correction(features: np.ndarray, residuals: np.ndarray, weights:
         return {**record, "coef": ridge.coef_.tolist(), "intercept": float(ridge.intercept_),
                 "alpha": float(ridge.alpha_), "n": int(len(residuals))}
     from sklearn.kernel_ridge import KernelRidge
-    from sklearn.model_selection import GridSearchCV, GroupKFold, KFold
+    from sklearn.model_selection import GridSearchCV, GroupKFold
     intercept = float(np.average(residuals, weights=w))
     groups = np.arange(len(residuals)) if groups is None else np.asarray(groups)
-    k = min(5, len(np.unique(groups)))
-    search = GridSearchCV(KernelRidge(kernel="rbf"),
+    search = GridSearchCV(KernelRidge(kernel="rbf"),  # (MIN_FEATURE_CASES crops hold at least 2 studies)
                           {"alpha": KERNEL_ALPHAS, "gamma": [g / z.shape[1] for g in KERNEL_WIDTHS]},
-                          cv=GroupKFold(k) if k >= 2 else KFold(2), scoring="neg_mean_absolute_error")
+                          cv=GroupKFold(min(5, len(np.unique(groups)))), scoring="neg_mean_absolute_error")
     z = np.round(z, 5)  # what the record keeps (a standardised feature to 1e-5 is plenty; the file stays small)
     search.fit(z, residuals - intercept, groups=groups, sample_weight=w)
     best = search.best_estimator_
