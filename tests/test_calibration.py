@@ -316,17 +316,17 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
 
     cf = cross_fit(labelled({"pooled": features}), 0.9)
     hip = cf.feature_report["hip"]
-    assert cf.feature_choice == {"hip": ("pooled", "ridge")} and hip["used"] == "pooled ridge"
+    assert cf.feature_choice == {"hip": ("pooled", "ridge", "site")} and hip["used"] == "pooled ridge"
     assert hip["mae"]["pooled ridge"] < 0.5 * hip["mae_line"]  # the line cannot remove the feature-dependent part
     assert np.abs(cf.corrected - truth).mean() == pytest.approx(hip["mae"]["pooled ridge"])
     noise = cross_fit(labelled({"pooled": rng.normal(0, 1, (n, 12))}), 0.9).feature_report["hip"]
     assert noise["mae"]["pooled ridge"] > 0.9 * noise["mae_line"]  # nothing to learn: about the line's error
-    # an error that does not grow linearly with the feature: the kernel ridge wins, the linear one cannot
+    # an error that does not grow linearly with the feature: the Gaussian process wins, the linear fit cannot
     bent = truth + 0.3 + 0.8 * np.abs(features[:, 0]) + rng.normal(0, 0.1, n)
     curved = cross_fit(labelled({"channel_stats": features}, bent), 0.9)
     report = curved.feature_report["hip"]
-    assert curved.feature_choice == {"hip": ("channel_stats", "kernel")}
-    assert report["mae"]["channel_stats kernel"] < 0.75 * report["mae"]["channel_stats ridge"]
+    assert curved.feature_choice == {"hip": ("channel_stats", "gp", "site")}
+    assert report["mae"]["channel_stats gp"] < 0.75 * report["mae"]["channel_stats ridge"]
 
     # applied per crop of its site type, only with the features given, and kept by the record; a
     # record without "features" and "kind" (made on 2026-12-02) is a ridge on the pooled features
@@ -361,9 +361,38 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
         assert b.region_t_scores[name] == pytest.approx(values, nan_ok=True)
 
 
-def test_kernel_feature_correction_on_channel_statistics(tmp_path):
-    """A kernel ridge fit on the channel statistics is kept by its record and applied at inference to
-    the statistics the node computes, the same as calibrate computes them."""
+def test_a_sparse_site_type_borrows_the_feature_correction_of_every_site_type():
+    """Where a processing chain moves the error of every site type with the same features, a site type
+    with few labelled crops gains from a correction fitted on all of them: cross_fit measures it out
+    of fold and keeps it, the record says so, and a site type below MIN_FEATURE_CASES gets no choice."""
+    from osteoscreen.training.feature_correction import MIN_FEATURE_CASES
+    from osteoscreen.training.recalibrate import Labelled, cross_fit, fit_corrections, fit_feature_corrections
+    rng = np.random.default_rng(11)
+    site_types = np.repeat([0, 1, 2], [180, 30, MIN_FEATURE_CASES - 4])
+    n = len(site_types)
+    truth = rng.normal(-1.5, 1.1, n)
+    features = rng.normal(0, 1, (n, 60))
+    pred = truth + 0.3 + 0.5 * features[:, 0] - 0.3 * features[:, 1] + rng.normal(0, 0.1, n)
+    d = Labelled(t_pred=pred, t_true=truth, site_types=site_types, logits=np.zeros((n, 3)),
+                 groups=np.arange(n).astype(str), labels=np.where(truth <= -2.5, 2, np.where(truth < -1, 1, 0)),
+                 region_pred={}, region_true={}, features={"channel_stats": features})
+    cf = cross_fit(d, 0.9)
+    ap = cf.feature_report["lumbar_ap"]
+    assert ap["mae"]["channel_stats ridge on all site types"] < 0.8 * ap["mae"]["channel_stats ridge"]
+    assert cf.feature_choice["lumbar_ap"][2] == "all" and ap["used"].endswith("on all site types")
+    assert "lumbar_lat" not in cf.feature_report and "lumbar_lat" not in cf.feature_choice
+    every = np.arange(n)
+    line = Calibration(created="", model={"weights_sha256": ""}, t_correction=fit_corrections(d, every))
+    fits = fit_feature_corrections(d, every, line, cf.feature_choice)
+    assert fits["lumbar_ap"]["fitted_on"] == "all site types" and fits["lumbar_ap"]["n"] == n
+
+
+def test_gaussian_process_feature_correction_on_channel_statistics(tmp_path):
+    """A Gaussian process fitted on the channel statistics is kept by its record and applied at
+    inference to the statistics the node computes, the same as calibrate computes them; its hand-
+    written Matérn kernel is scikit-learn's; a kernel ridge record of an earlier calibrate still applies."""
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern
+    from osteoscreen.model.calibration import feature_term
     from osteoscreen.model.network import channel_statistics
     from osteoscreen.training.batches import predict_outputs
     from osteoscreen.training.dataset import Samples
@@ -382,8 +411,26 @@ def test_kernel_feature_correction_on_channel_statistics(tmp_path):
     assert channel_statistics([torch.ones(2, 3, 4, 4)]).tolist() == [[1, 1, 1, 0, 0, 0]] * 2
     z = (stats[:, 0] - stats[:, 0].mean()) / stats[:, 0].std()
     residuals = np.abs(z) + 0.1 * rng.normal(size=24)
-    fit = fit_feature_correction(stats, residuals, np.ones(24), "channel_stats", "kernel", groups=samples.groups)
-    assert fit["kind"] == "kernel" and len(fit["support"]) == 24 and len(fit["support"][0]) == stats.shape[1]
+    fit = fit_feature_correction(stats, residuals, np.ones(24), "channel_stats", "gp")
+    assert fit["kind"] == "gp" and len(fit["support"]) == 24 and len(fit["support"][0]) == stats.shape[1]
+    # the posterior mean the record gives is scikit-learn's kernel against the support times the dual coefficients
+    x = rng.normal(size=(5, stats.shape[1])) * np.asarray(fit["scale"]) + np.asarray(fit["mean"])
+    kernel = ConstantKernel(fit["amplitude"]) * Matern(fit["length_scale"], nu=1.5)
+    z = (x - np.asarray(fit["mean"])) / np.asarray(fit["scale"])
+    assert feature_term(fit, x) == pytest.approx(
+        fit["intercept"] + kernel(z, np.asarray(fit["support"])) @ np.asarray(fit["dual_coef"]), abs=1e-9)
+    in_sample = feature_term(fit, stats)
+    assert np.corrcoef(in_sample, residuals)[0, 1] > 0.9  # it learnt the bent error
+    # a Gaussian-kernel ridge record (what calibrate fitted before the Gaussian process) applies as it did
+    old = {"features": "channel_stats", "kind": "kernel", "mean": [0.0, 0.0], "scale": [1.0, 1.0],
+           "support": [[0.0, 0.0], [1.0, 1.0]], "dual_coef": [1.0, -1.0], "gamma": 0.5, "intercept": 0.1, "n": 20}
+    assert feature_term(old, np.array([[0.0, 1.0]])) == pytest.approx([0.1 + np.exp(-0.5) - np.exp(-0.5)])
+    assert feature_term(old, np.array([[0.0, 0.0]])) == pytest.approx([0.1 + 1.0 - np.exp(-1.0)])
+    for key, value in (("nu", 2.5), ("length_scale", float("inf")), ("dual_coef", [1.0])):
+        broken = {**fit, key: value}
+        cal = Calibration(created="2026-12-03T01:00:00+00:00", model=model.identity(), feature_correction={"hip": broken})
+        with pytest.raises(CalibrationError, match="malformed"):
+            Calibration.from_json(cal.to_json())
     cal = Calibration(created="2026-12-03T01:00:00+00:00", model=model.identity(), scanner=SYNTH_D,
                       feature_correction={"hip": fit})
     again = Calibration.load(cal.save(tmp_path / "k.json"))

@@ -9,9 +9,9 @@ It may hold, each part optional:
 - ``temperature``: the softmax temperature re-fitted on local DXA-labelled cases;
 - ``t_correction``: per site type a linear T-score correction ``a + b·T`` (b shrunk toward 1 when
   cases are few), fitted on local DXA-labelled cases;
-- ``feature_correction``: per site type, where the local cases support it, a ridge regression of what
-  the line leaves on image features the network computes (``training.feature_correction``): the
-  part of a scanner's error that varies from image to image with its processing. Each fit names its
+- ``feature_correction``: per site type, where the local cases support it, a regression (ridge, or a
+  Gaussian process's posterior mean) of what the line leaves on image features the network computes
+  (``training.feature_correction``): the part of a scanner's error that varies from image to image with its processing. Each fit names its
   feature set (`FEATURE_SETS`; "pooled" where a record made before the choice existed names none);
 - ``residuals``: per interval bin (``hip``, ``lumbar_ap``, ``lumbar_lat``, ``lumbar_fused``) the
   signed out-of-fold residuals (true − corrected estimate) from which split-conformal prediction
@@ -239,25 +239,39 @@ def feature_set(fit: dict) -> str:
 
 def feature_term(fit: dict, features: np.ndarray) -> np.ndarray:
     """A feature correction's term for each row of `features` (added to the line-corrected estimate):
-    linear ("ridge") or a Gaussian kernel over the fit's support ("kernel")."""
+    linear ("ridge"), or a kernel over the fit's support: Matérn 3/2 ("gp", a Gaussian process's
+    posterior mean) or Gaussian ("kernel": the kernel ridge calibrate fitted until a Gaussian process
+    replaced it; such files still apply)."""
     x = (np.asarray(features, np.float64) - np.asarray(fit["mean"])) / np.asarray(fit["scale"])
-    if fit.get("kind", "ridge") == "kernel":
-        support = np.asarray(fit["support"], np.float64)
-        sq = (x ** 2).sum(1)[:, None] + (support ** 2).sum(1)[None, :] - 2 * x @ support.T
-        return fit["intercept"] + np.exp(-fit["gamma"] * np.maximum(sq, 0.0)) @ np.asarray(fit["dual_coef"])
-    return fit["intercept"] + x @ np.asarray(fit["coef"])
+    kind = fit.get("kind", "ridge")
+    if kind == "ridge":
+        return fit["intercept"] + x @ np.asarray(fit["coef"])
+    support = np.asarray(fit["support"], np.float64)
+    sq = np.maximum((x ** 2).sum(1)[:, None] + (support ** 2).sum(1)[None, :] - 2 * x @ support.T, 0.0)
+    if kind == "gp":  # Matérn ν = 3/2: a (1 + √3 d/ℓ) exp(−√3 d/ℓ)
+        r = np.sqrt(3.0 * sq) / fit["length_scale"]
+        k = fit["amplitude"] * (1.0 + r) * np.exp(-r)
+    else:
+        k = np.exp(-fit["gamma"] * sq)
+    return fit["intercept"] + k @ np.asarray(fit["dual_coef"])
+
+
+_KERNEL_PARAMETERS = {"kernel": ("gamma",), "gp": ("amplitude", "length_scale")}
 
 
 def _well_formed(fit) -> bool:
     """A feature correction record has consistent sizes and finite numbers."""
     try:
-        if feature_set(fit) not in FEATURE_SETS or fit.get("kind", "ridge") not in ("ridge", "kernel"):
+        kind = fit.get("kind", "ridge")
+        if feature_set(fit) not in FEATURE_SETS or kind not in ("ridge", *_KERNEL_PARAMETERS):
+            return False
+        if kind == "gp" and fit.get("nu") != 1.5:  # the only Matérn feature_term computes
             return False
         mean, scale = np.asarray(fit["mean"], np.float64), np.asarray(fit["scale"], np.float64)
         numbers = [mean, scale, np.asarray([fit["intercept"]], np.float64)]
-        if fit.get("kind", "ridge") == "kernel":
+        if kind in _KERNEL_PARAMETERS:
             support, dual = np.asarray(fit["support"], np.float64), np.asarray(fit["dual_coef"], np.float64)
-            numbers += [support, dual, np.asarray([fit["gamma"]], np.float64)]
+            numbers += [support, dual, np.asarray([fit[p] for p in _KERNEL_PARAMETERS[kind]], np.float64)]
             shapes_ok = support.ndim == 2 and support.shape[1] == len(mean) and dual.shape == (len(support),)
         else:
             coef = np.asarray(fit["coef"], np.float64)

@@ -10,7 +10,7 @@ the very cases that calibrate its intervals would make them too narrow; Silva-Ro
   few cases, the slope many; SITE-ADAPTATION.md). Sub-region outputs (femoral neck) get their own fit
   where the labels have them. Then, per site type, a regression of what the line leaves on image
   features the network computes (`feature_correction`): of its `CANDIDATES` (feature set and ridge or
-  kernel ridge) the one with the lowest out-of-fold MAE, and none where the line's is lower.
+  Gaussian process) the one with the lowest out-of-fold MAE, and none where the line's is lower.
 - **Prevalence.** Sets sent to DXA are enriched for low BMD. The fits weight each WHO class to the
   share it had in the model's training (uniform when the checkpoint does not say), so what they learn
   is the scanner's shift, not the referral pattern.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..findings import CLASSES
 from ..model.calibration import SITE_TYPE_NAMES, Calibration
-from .feature_correction import CANDIDATES, fit_feature_correction, label
+from .feature_correction import CANDIDATES, MIN_FEATURE_CASES, fit_feature_correction, label
 
 SLOPE_PRIOR = 50.0  # pseudo-cases pulling the slope toward 1
 MIN_CORRECTION_CASES = 10  # fewer labelled crops of a site type: no correction for it (identity)
@@ -93,20 +93,28 @@ def fit_corrections(d: Labelled, idx: np.ndarray, shares=None) -> dict:
 def fit_feature_corrections(d: Labelled, idx: np.ndarray, line: Calibration, choice: dict,
                             shares=None) -> dict:
     """Feature corrections from the cases `idx`, fitted on the residuals that `line`'s linear
-    corrections leave: for each site type in `choice`, its candidate (feature set, kind)."""
+    corrections leave: for each site type in `choice`, its candidate (feature set, kind, scope),
+    fitted on that site type's crops or, with scope "all", on those of every site type."""
     out = {}
     if d.features is None:
         return out
     w = class_weights(d.labels[idx], shares)
     residuals = d.t_true[idx] - line.correct(d.t_pred[idx], d.site_types[idx])
+    shared: dict = {}  # a scope-"all" fit is the same for every site type that chose it
     for st, name in enumerate(SITE_TYPE_NAMES):
         m = d.site_types[idx] == st
-        if name in choice and m.any():
-            feature_set, kind = choice[name]
-            fit = fit_feature_correction(d.features[feature_set][idx][m], residuals[m], w[m], feature_set, kind,
-                                         groups=d.groups[idx][m])
-            if fit:
-                out[name] = fit
+        if name not in choice or not m.any():
+            continue
+        feature_set, kind, scope = choice[name]
+        if scope == "all":
+            if (feature_set, kind) not in shared:
+                shared[feature_set, kind] = fit_feature_correction(d.features[feature_set][idx], residuals, w,
+                                                                   feature_set, kind)
+            fit = shared[feature_set, kind] and {**shared[feature_set, kind], "fitted_on": "all site types"}
+        else:
+            fit = fit_feature_correction(d.features[feature_set][idx][m], residuals[m], w[m], feature_set, kind)
+        if fit:
+            out[name] = fit
     return out
 
 
@@ -164,7 +172,7 @@ class CrossFit:
     probabilities: dict  # mode ("temperature" | "predictive") → N×3 out-of-fold probabilities
     intervals: np.ndarray  # N×2 out-of-fold intervals (residuals of the other folds), NaN where none
     fused: dict | None  # out-of-fold fused lumbar estimates: index pairs, T, intervals, probabilities
-    feature_choice: dict  # site type → (feature set, kind) of the feature correction that won out of fold
+    feature_choice: dict  # site type → (feature set, kind, scope) of the feature correction that won out of fold
     feature_report: dict  # site type → n, out-of-fold MAE with the line alone and with each candidate, the one used
 
 
@@ -209,12 +217,13 @@ def cross_fit(d: Labelled, level: float, shares=None, seed: int = 0) -> CrossFit
 
 
 def _choose_feature_corrections(d: Labelled, line: np.ndarray, with_features: dict) -> tuple[dict, dict]:
-    """Per site type, the candidate whose out-of-fold MAE is lowest, if it is lower than the line's
-    (the data's choice)."""
+    """Per site type with at least MIN_FEATURE_CASES labelled crops (fewer cannot tell the candidates
+    apart), the candidate whose out-of-fold MAE is lowest, if it is lower than the line's (the data's
+    choice)."""
     chosen, report = {}, {}
     for st, name in enumerate(SITE_TYPE_NAMES):
         m = d.site_types == st
-        if not m.any() or not with_features:
+        if m.sum() < MIN_FEATURE_CASES or not with_features:
             continue
         mae_line = float(np.abs(d.t_true[m] - line[m]).mean())
         maes = {c: float(np.abs(d.t_true[m] - v[m]).mean()) for c, v in with_features.items()
