@@ -70,7 +70,10 @@ def test_atlas_bytes_are_deterministic(rebuilt):
 
 
 def test_templates_are_those_the_generator_gave(anatomy, fresh_caches):
-    """Bit for bit the templates `_templates` built from synth.phantoms.mean_anatomy before."""
+    """The templates `_templates` built from synth.phantoms.mean_anatomy before: the same crops of the
+    same atlas, bit for bit where the rendering is (as with the libraries the atlas was built with),
+    and within the rendering's last bits otherwise (numpy 2.4.6 draws hip_ap 5e-7 apart; see
+    test_shipped_atlas_is_what_the_generator_draws)."""
     for region, view in REGION_VIEWS:
         kind = "hip" if region == "hip" else "lumbar"
         att, grid_mm, marks = anatomy[(kind, view)]
@@ -83,7 +86,7 @@ def test_templates_are_those_the_generator_gave(anatomy, fresh_caches):
             r0, c0 = np.maximum(np.floor(pts.min(axis=0) - margin).astype(int), 0)
             r1, c1 = np.ceil(pts.max(axis=0) + margin).astype(int)
             t = templates[site]
-            np.testing.assert_array_equal(t.pixels, atlas[r0:r1, c0:c1])
+            np.testing.assert_allclose(t.pixels, atlas[r0:r1, c0:c1], rtol=1e-5, atol=1e-5)
             np.testing.assert_array_equal(t.origin, [r0, c0])
             np.testing.assert_array_equal(t.points, pts - np.array([r0, c0]))
 
