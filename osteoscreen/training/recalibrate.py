@@ -9,8 +9,8 @@ the very cases that calibrate its intervals would make them too narrow; Silva-Ro
   estimate, the slope shrunk toward 1 with a prior worth `SLOPE_PRIOR` cases (the intercept needs
   few cases, the slope many; SITE-ADAPTATION.md). Sub-region outputs (femoral neck) get their own fit
   where the labels have them. Then, per site type, a regression of what the line leaves on image
-  features the network computes (`feature_correction`): of its `CANDIDATES` (feature set and ridge or
-  Gaussian process) the one with the lowest out-of-fold MAE, and none where the line's is lower.
+  features the network computes (`feature_correction`): of its `CANDIDATES` (feature set, ridge or
+  Gaussian process, fitted on the site type's crops or on every site type's) the one with the lowest out-of-fold MAE, and none where the line's is lower.
 - **Prevalence.** Sets sent to DXA are enriched for low BMD. The fits weight each WHO class to the
   share it had in the model's training (uniform when the checkpoint does not say), so what they learn
   is the scanner's shift, not the referral pattern.
