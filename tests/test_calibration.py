@@ -387,6 +387,43 @@ def test_a_sparse_site_type_borrows_the_feature_correction_of_every_site_type():
     assert fits["lumbar_ap"]["fitted_on"] == "all site types" and fits["lumbar_ap"]["n"] == n
 
 
+def test_a_site_type_keeps_its_default_feature_correction_unless_another_is_clearly_better():
+    """Out of fold, a candidate replaces the site type's default only when its lower error is
+    significant by study (few labelled crops make the lowest MAE a lottery); the line alone can win
+    the same way; where the default's features are not at hand, the line alone is the default."""
+    from osteoscreen.training.feature_correction import DEFAULTS, SWITCH_P, label
+    from osteoscreen.training.recalibrate import Labelled, _choose_feature_corrections
+    rng = np.random.default_rng(21)
+    n = 120
+    truth = rng.normal(-1.5, 1.1, n)
+    d = Labelled(t_pred=truth, t_true=truth, site_types=np.zeros(n, int), logits=np.zeros((n, 3)),
+                 groups=np.repeat(np.arange(n // 2), 2).astype(str), labels=np.zeros(n, int),
+                 region_pred={}, region_true={}, features={})
+    default, ridge = DEFAULTS["hip"], ("channel_stats", "ridge", "site")
+    line = truth + rng.normal(0, 0.5, n)
+    shared = rng.normal(0, 0.25, n)
+    # a hair better, by chance: each error 10 % larger or smaller at random
+    close = {default: truth + shared, ridge: truth + shared * (1 + 0.1 * np.random.default_rng(103).choice([-1, 1], n))}
+    chosen, report = _choose_feature_corrections(d, line, close)
+    assert report["hip"]["mae"][label(ridge)] < report["hip"]["mae"][label(default)]
+    assert report["hip"]["p_against_default"][label(ridge)] >= SWITCH_P
+    assert chosen == {"hip": default} and report["hip"]["used"] == report["hip"]["default"] == label(default)
+    clear = {default: truth + shared, ridge: truth + shared * 0.5}
+    chosen, report = _choose_feature_corrections(d, line, clear)
+    assert chosen == {"hip": ridge} and report["hip"]["p_against_default"][label(ridge)] < SWITCH_P
+    from osteoscreen.training.calibrate import format_calibration_report
+    text = format_calibration_report(Calibration(created="", model={"weights_sha256": "x"}, report={"labelled": {
+        "before": {}, "after_cross_validated": {}, "folds": 10, "probabilities": "classifier",
+        "ece_by_probability_mode": {"temperature": 0.02}, "feature_correction": report}}))
+    assert "hip         feature correction: channel_stats ridge (clearly better than the default, channel_stats gp)" in text
+    worse = {default: truth + rng.normal(0, 1.0, n)}  # the line alone is clearly better: no feature correction
+    chosen, report = _choose_feature_corrections(d, line, worse)
+    assert chosen == {} and report["hip"]["used"] is None and report["hip"]["p_against_default"]["line alone"] < SWITCH_P
+    without = {ridge: truth + shared}  # no default among the candidates
+    chosen, report = _choose_feature_corrections(d, line, without)
+    assert report["hip"]["default"] is None and chosen == {"hip": ridge}  # it beats the line clearly
+
+
 def test_gaussian_process_feature_correction_on_channel_statistics(tmp_path):
     """A Gaussian process fitted on the channel statistics is kept by its record and applied at
     inference to the statistics the node computes, the same as calibrate computes them; its hand-

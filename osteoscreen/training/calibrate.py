@@ -265,7 +265,11 @@ def format_calibration_report(cal: Calibration) -> str:
             # (a report of 2026-12-02 has one candidate: used true/false and mae_features)
             maes = c.get("mae", {"pooled ridge": c.get("mae_features")})
             used = c["used"] if isinstance(c["used"], str) else ("pooled ridge" if c["used"] else None)
-            lines.append(f"  {name:<11} feature correction: {used or 'none (the line alone)'}; out-of-fold MAE "
+            # (reports before 2026-12-03's defaults have no "default": the lowest MAE won)
+            switched = "default" in c and used != c["default"]
+            lines.append(f"  {name:<11} feature correction: {used or 'none (the line alone)'}"
+                         + (f" (clearly better than the default, {c['default'] or 'the line alone'})" if switched else "")
+                         + "; out-of-fold MAE "
                          + ", ".join([f"{c['mae_line']:.3f} with the line alone",
                                       *(f"{v:.3f} {k}" for k, v in maes.items() if v is not None)]))
         lines.append(f"probabilities: {lab['probabilities']} (cross-validated ECE "

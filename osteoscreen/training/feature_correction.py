@@ -24,10 +24,11 @@ per-channel means and standard deviations of every map (416, network.channel_sta
 early layers' statistics describe contrast and texture, what edge enhancement and dynamic-range
 compression change. On the synthD pool (100 labelled studies), ridge on them left MAE 0.26 on hips
 against 0.28 on the pooled features, and the Gaussian process 0.23 (docs/CALIBRATION.md). Which of the
-`CANDIDATES` a site type gets, or none, is the data's choice: `recalibrate.cross_fit` keeps the one
-with the lowest out-of-fold MAE, and none where the line's is lower (few labelled lumbar crops often
-do not support hundreds of coefficients). A site type's correction may be fitted on its own crops
-or on the residuals of every site type (scope "all"): a processing chain moves the map statistics
+`CANDIDATES` a site type gets, or none, is decided out of fold by `recalibrate.cross_fit`: its
+default (`DEFAULTS`) unless another candidate, or the line alone, has a lower out-of-fold error
+that a paired test by study finds significant (`SWITCH_P`): the evidence of a few dozen labelled
+crops must be clear before it overrides what the pool draws showed. A site type's correction may be
+fitted on its own crops or on the residuals of every site type (scope "all"): a processing chain moves the map statistics
 of a lumbar crop much as it moves a hip's, and 100 labelled studies hold about 140 hip crops but
 only about 30 of each lumbar view. On 6 draws of 100 labelled studies from the synthD pool, the
 fused lumbar MAE on the pool's other studies was 0.433 with per-view fits and 0.400 with ridge on
@@ -49,6 +50,16 @@ SCOPES = ("site", "all")
 # (feature set, regression, scope) triples cross_fit tries for each site type
 CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), ("channel_stats", "gp", "site"),
               ("channel_stats", "ridge", "all"), ("channel_stats", "gp", "all"))
+# What a site type gets unless another candidate (or the line alone) beats it clearly out of fold: the
+# Gaussian process on the hips' own crops, and for the lumbar views, which a site labels far fewer of,
+# the one fitted on every site type's crops. Picking the lowest out-of-fold MAE among five candidates
+# on ~30 lumbar crops picked noise: on 7 draws of 100 labelled studies from the synthD pool the
+# node-level MAE on the pool's other studies was 0.268 that way and 0.263 with these defaults
+# (docs/CALIBRATION.md).
+DEFAULTS = {"hip": ("channel_stats", "gp", "site"), "lumbar_ap": ("channel_stats", "gp", "all"),
+            "lumbar_lat": ("channel_stats", "gp", "all")}
+# one-sided significance at which a challenger's lower out-of-fold error (paired by study) replaces the default
+SWITCH_P = 0.05
 
 
 def label(candidate: tuple[str, str, str]) -> str:

@@ -10,7 +10,8 @@ the very cases that calibrate its intervals would make them too narrow; Silva-Ro
   few cases, the slope many; SITE-ADAPTATION.md). Sub-region outputs (femoral neck) get their own fit
   where the labels have them. Then, per site type, a regression of what the line leaves on image
   features the network computes (`feature_correction`): of its `CANDIDATES` (feature set, ridge or
-  Gaussian process, fitted on the site type's crops or on every site type's) the one with the lowest out-of-fold MAE, and none where the line's is lower.
+  Gaussian process, fitted on the site type's crops or on every site type's) the site type's default,
+  unless another candidate or the line alone is significantly better out of fold.
 - **Prevalence.** Sets sent to DXA are enriched for low BMD. The fits weight each WHO class to the
   share it had in the model's training (uniform when the checkpoint does not say), so what they learn
   is the scanner's shift, not the referral pattern.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from ..findings import CLASSES
 from ..model.calibration import SITE_TYPE_NAMES, Calibration
-from .feature_correction import CANDIDATES, MIN_FEATURE_CASES, fit_feature_correction, label
+from .feature_correction import CANDIDATES, DEFAULTS, MIN_FEATURE_CASES, SWITCH_P, fit_feature_correction, label
 
 SLOPE_PRIOR = 50.0  # pseudo-cases pulling the slope toward 1
 MIN_CORRECTION_CASES = 10  # fewer labelled crops of a site type: no correction for it (identity)
@@ -217,24 +218,46 @@ def cross_fit(d: Labelled, level: float, shares=None, seed: int = 0) -> CrossFit
 
 
 def _choose_feature_corrections(d: Labelled, line: np.ndarray, with_features: dict) -> tuple[dict, dict]:
-    """Per site type with at least MIN_FEATURE_CASES labelled crops (fewer cannot tell the candidates
-    apart), the candidate whose out-of-fold MAE is lowest, if it is lower than the line's (the data's
-    choice)."""
+    """Per site type with at least MIN_FEATURE_CASES labelled crops (fewer cannot tell anything
+    apart): its default candidate (`DEFAULTS`; the line alone where that one's features are not at
+    hand), unless a challenger, another candidate or the line alone, has a lower out-of-fold MAE with
+    one-sided p < SWITCH_P (Wilcoxon signed-rank test on the per-study mean absolute errors; of
+    several such, the one with the lowest MAE)."""
     chosen, report = {}, {}
     for st, name in enumerate(SITE_TYPE_NAMES):
         m = d.site_types == st
         if m.sum() < MIN_FEATURE_CASES or not with_features:
             continue
-        mae_line = float(np.abs(d.t_true[m] - line[m]).mean())
-        maes = {c: float(np.abs(d.t_true[m] - v[m]).mean()) for c, v in with_features.items()
-                if np.isfinite(v[m]).all() and not np.allclose(v[m], line[m])}
-        best = min(maes, key=maes.get) if maes else None
-        used = best if best is not None and maes[best] < mae_line else None
-        report[name] = {"n": int(m.sum()), "mae_line": mae_line, "mae": {label(c): v for c, v in maes.items()},
+        options = {None: line[m], **{c: v[m] for c, v in with_features.items()
+                                     if np.isfinite(v[m]).all() and not np.allclose(v[m], line[m])}}
+        errors = {c: _per_study_errors(d.t_true[m] - v, d.groups[m]) for c, v in options.items()}
+        mae = {c: float(np.abs(d.t_true[m] - v).mean()) for c, v in options.items()}
+        default = DEFAULTS.get(name) if DEFAULTS.get(name) in options else None
+        p_values = {c: _p_lower(errors[c], errors[default]) for c in options if c != default}
+        beaten = [c for c, p in p_values.items() if p < SWITCH_P and mae[c] < mae[default]]
+        used = min(beaten, key=mae.get) if beaten else default
+        report[name] = {"n": int(m.sum()), "mae_line": mae[None],
+                        "mae": {label(c): v for c, v in mae.items() if c is not None},
+                        "default": label(default) if default else None,
+                        "p_against_default": {(label(c) if c else "line alone"): p for c, p in p_values.items()},
                         "used": label(used) if used else None}
         if used:
             chosen[name] = used
     return chosen, report
+
+
+def _per_study_errors(residuals: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Mean absolute error of each study's crops (a study's two hips are not independent)."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    return np.bincount(inverse, np.abs(residuals)) / np.bincount(inverse)
+
+
+def _p_lower(challenger: np.ndarray, default: np.ndarray) -> float:
+    """One-sided p of the challenger's per-study errors being lower than the default's."""
+    from scipy.stats import wilcoxon
+    if np.allclose(challenger, default):
+        return 1.0
+    return float(wilcoxon(challenger, default, alternative="less").pvalue)
 
 
 def _cross_fit_fused(d: Labelled, fold, corrected, probs, level) -> dict | None:
