@@ -45,9 +45,8 @@ ALPHAS = np.logspace(-1, 4, 30)  # ridge penalties RidgeCV chooses from (standar
 GP_NU = 1.5  # Matérn smoothness (3/2: once differentiable; 5/2 and the Gaussian kernel did no better)
 GP_NOISE_FLOOR = 1e-3  # lower bound of the white-noise level (T-score units²): keeps the solve well conditioned
 KINDS = ("ridge", "gp")
-# what a site type's correction is fitted on: its own labelled crops, or those of every site type
-SCOPES = ("site", "all")
-# (feature set, regression, scope) triples cross_fit tries for each site type
+# (feature set, regression, scope) triples cross_fit tries for each site type; the scope is what a
+# correction is fitted on: "site", the site type's own labelled crops, or "all", every site type's
 CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), ("channel_stats", "gp", "site"),
               ("channel_stats", "ridge", "all"), ("channel_stats", "gp", "all"))
 # What a site type gets unless another candidate (or the line alone) beats it clearly out of fold: the

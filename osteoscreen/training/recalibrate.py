@@ -173,8 +173,8 @@ class CrossFit:
     probabilities: dict  # mode ("temperature" | "predictive") → N×3 out-of-fold probabilities
     intervals: np.ndarray  # N×2 out-of-fold intervals (residuals of the other folds), NaN where none
     fused: dict | None  # out-of-fold fused lumbar estimates: index pairs, T, intervals, probabilities
-    feature_choice: dict  # site type → (feature set, kind, scope) of the feature correction that won out of fold
-    feature_report: dict  # site type → n, out-of-fold MAE with the line alone and with each candidate, the one used
+    feature_choice: dict  # site type → (feature set, kind, scope) of the feature correction chosen out of fold
+    feature_report: dict  # site type → n, out-of-fold MAE with the line alone and with each candidate, the default, p-values against it, the one used
 
 
 def cross_fit(d: Labelled, level: float, shares=None, seed: int = 0) -> CrossFit:
