@@ -197,6 +197,66 @@ def test_a_calibration_changes_only_its_own_scanner(fitted):
     assert any(f.assessable for f in screen_study([StudyImage(mine, "hip", "ap")], strict, heatmaps=False)[0].sites)
 
 
+def test_a_hip_reads_the_other_hip_of_its_pelvis_and_no_other_image(fitted):
+    """The hips' feature correction reads the image's other hip (feature set channel_stats_image):
+    crops pair by image and site type only, and a study's estimates do not depend on which other
+    studies share its worker batch."""
+    from osteoscreen.model.calibration import feature_sets
+    stats = np.arange(12.0).reshape(4, 3)
+    sets_ = feature_sets(np.zeros((4, 1)), stats, np.array([0, 0, 0, 1]), images=["a", "a", "b", "a"])
+    pair = sets_["channel_stats_image"]
+    assert pair[:, :3].tolist() == stats.tolist()
+    assert pair[0, 3:].tolist() == pair[1, 3:].tolist() == stats[:2].mean(0).tolist()  # the two hips of image a
+    assert pair[2, 3:].tolist() == stats[2].tolist() and pair[3, 3:].tolist() == stats[3].tolist()  # alone
+    assert feature_sets(np.zeros((4, 1)), stats, np.zeros(4))["channel_stats_image"][:, 3:].tolist() == stats.tolist()
+    cal = fitted["mixed"]
+    assert cal.feature_correction["hip"]["features"] == "channel_stats_image"
+    model = LoadedModel(DEFAULT_MODEL, "cpu").with_calibration(cal)
+    studies = [make_study("hip", np.random.default_rng(seed), profile="synthD")[0].dataset for seed in (78, 79)]
+    alone = screen_study([StudyImage(studies[1], "hip", "ap")], model, heatmaps=False)[0].sites
+    together = screen_studies([[StudyImage(ds, "hip", "ap")] for ds in studies], model, heatmaps=False)[1][0].sites
+    assert sum(f.assessable for f in alone) == 2
+    for f, g in zip(together, alone):
+        assert f.t_score == pytest.approx(g.t_score, abs=1e-5)
+        assert f.t_score_interval == pytest.approx(g.t_score_interval, abs=1e-5)
+    # and the pairing matters: the same two crops read as two images give other estimates
+    from osteoscreen.pipeline.localize import locate_sites
+    from osteoscreen.pipeline.crops import square_crop
+    from osteoscreen.pipeline.dicom_io import load_radiograph
+    rad = load_radiograph(studies[1])
+    located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, "hip", "ap")}
+    crops = np.stack([normalise(square_crop(rad.pixels, located[s].box, mirrored=(s == "left_hip")).pixels)
+                      for s in ("right_hip", "left_hip")])
+    paired = model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 0]).t_scores
+    apart = model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 1]).t_scores
+    assert np.abs(paired - apart).max() > 1e-3
+
+
+def test_calibration_draws_benchmark_partitions_the_pool_and_scores_like_predict(sets, fitted):
+    """bench.calibration_draws: a draw is the study script's (sorted studies, random.Random(seed)),
+    labelled, unlabelled and left-out studies do not overlap, and its node-level figures are the
+    calibrated model's own estimates and intervals."""
+    import random
+    from bench.calibration_draws import draw, node_figures
+    from osteoscreen.training.dataset import extract_samples
+    pool, _ = extract_samples([sets["labelled"]], progress=False)
+    studies = sorted(set(pool.groups))
+    random.Random(3).shuffle(studies)
+    both, rest = draw(pool, 3, 8, 6)
+    assert set(both.groups) == set(studies[:14]) and set(rest.groups) == set(studies[14:])
+    assert set(both.groups[np.isfinite(both.t_scores)]) == set(studies[:8])
+    model = LoadedModel(DEFAULT_MODEL, "cpu").with_calibration(fitted["mixed"])
+    figures = node_figures(model, rest)
+    pred = model.predict(np.stack([normalise(c) for c in rest.crops]), rest.covariates, rest.site_types,
+                         images=rest.images)
+    answered = ~pred.out_of_distribution()
+    err = (pred.t_scores - rest.t_scores)[answered]
+    assert figures["sites"] == answered.sum() > 0 and figures["mae"] == pytest.approx(np.abs(err).mean())
+    iv = fitted["mixed"].intervals(pred.t_scores, ["hip"] * len(rest), 0.9)[answered]
+    inside = (iv[:, 0] <= rest.t_scores[answered]) & (rest.t_scores[answered] <= iv[:, 1])
+    assert figures["coverage"] == pytest.approx(inside.mean()) and figures["lumbar_mae"] is None
+
+
 def test_objects_carry_interval_and_calibration(sets, fitted, tmp_path, capsys):
     rows = list(csv.DictReader(open(sets["labelled"])))
     files = [str(sets["labelled"].parent / r["path"]) for r in rows[:3]]
@@ -323,10 +383,11 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
     assert noise["mae"]["pooled ridge"] > 0.9 * noise["mae_line"]  # nothing to learn: about the line's error
     # an error that does not grow linearly with the feature: the Gaussian process wins, the linear fit cannot
     bent = truth + 0.3 + 0.8 * np.abs(features[:, 0]) + rng.normal(0, 0.1, n)
-    curved = cross_fit(labelled({"channel_stats": features}, bent), 0.9)
+    alone = np.concatenate([features, features], axis=1)  # channel_stats_image of crops alone in their images
+    curved = cross_fit(labelled({"channel_stats": features, "channel_stats_image": alone}, bent), 0.9)
     report = curved.feature_report["hip"]
-    assert curved.feature_choice == {"hip": ("channel_stats", "gp", "site")}
-    assert report["mae"]["channel_stats gp"] < 0.75 * report["mae"]["channel_stats ridge"]
+    assert curved.feature_choice == {"hip": ("channel_stats_image", "gp", "site")}
+    assert report["mae"]["channel_stats_image gp"] < 0.75 * report["mae"]["channel_stats ridge"]
 
     # applied per crop of its site type, only with the features given, and kept by the record; a
     # record without "features" and "kind" (made on 2026-12-02) is a ridge on the pooled features
@@ -415,7 +476,7 @@ def test_a_site_type_keeps_its_default_feature_correction_unless_another_is_clea
     text = format_calibration_report(Calibration(created="", model={"weights_sha256": "x"}, report={"labelled": {
         "before": {}, "after_cross_validated": {}, "folds": 10, "probabilities": "classifier",
         "ece_by_probability_mode": {"temperature": 0.02}, "feature_correction": report}}))
-    assert "hip         feature correction: channel_stats ridge (clearly better than the default, channel_stats gp)" in text
+    assert "hip         feature correction: channel_stats ridge (clearly better than the default, channel_stats_image gp)" in text
     worse = {default: truth + rng.normal(0, 1.0, n)}  # the line alone is clearly better: no feature correction
     chosen, report = _choose_feature_corrections(d, line, worse)
     assert chosen == {} and report["hip"]["used"] is None and report["hip"]["p_against_default"]["line alone"] < SWITCH_P

@@ -40,9 +40,10 @@ FORMAT = "osteoscreen-calibration/1"
 SITE_TYPE_NAMES = ("hip", "lumbar_ap", "lumbar_lat")  # pipeline.crops.SITE_TYPES, the model's site types
 INTERVAL_BINS = (*SITE_TYPE_NAMES, "lumbar_fused")
 MIN_BIN_RESIDUALS = 9  # fewer residuals than this give no 90 % interval (crepes would return ±inf)
-# image features a feature correction may read (model.inference.Prediction.feature_sets): the last
-# map's pooled features (the gate's, 96), or every map's per-channel means and SDs (416)
-FEATURE_SETS = ("pooled", "channel_stats")
+# image features a feature correction may read (`feature_sets`): the last map's pooled features (the
+# gate's, 96), every map's per-channel means and SDs (416), or those beside their mean over the crops
+# of the same site type in the same image (832: a hip sees its pelvis's other hip)
+FEATURE_SETS = ("pooled", "channel_stats", "channel_stats_image")
 
 
 class CalibrationError(ValueError):
@@ -230,6 +231,29 @@ class Calibration:
         except (OSError, ValueError) as exc:
             raise CalibrationError(f"calibration file {path} is not readable JSON: {exc}") from None
         return cls.from_json(data, str(path))
+
+
+def feature_sets(pooled: np.ndarray, channel_stats: np.ndarray, site_types: np.ndarray,
+                 images=None) -> dict[str, np.ndarray]:
+    """The feature sets (`FEATURE_SETS`) of N crops from one forward pass's pooled features and
+    channel statistics; `images` (N keys, None: each crop its own image) says which crops share an
+    image. "channel_stats_image" sets each crop's channel statistics beside their mean over the
+    crops of its site type in its image: what is left after the line is half shared between the two
+    hips of one pelvis, since both went through the same exposure and processing, and the other hip's
+    statistics say more about that than one crop's do (docs/CALIBRATION.md). A crop alone in its image
+    (a lumbar view, a pelvis with one hip assessable) has its own statistics twice."""
+    channel_stats = np.asarray(channel_stats)
+    context = channel_stats.copy()
+    if images is not None and len(channel_stats):
+        keys = [(image, int(st)) for image, st in zip(images, site_types)]
+        members: dict = {}
+        for i, key in enumerate(keys):
+            members.setdefault(key, []).append(i)
+        for rows in members.values():
+            if len(rows) > 1:
+                context[rows] = channel_stats[rows].mean(axis=0)
+    return {"pooled": pooled, "channel_stats": channel_stats,
+            "channel_stats_image": np.concatenate([channel_stats, context], axis=1)}
 
 
 def feature_set(fit: dict) -> str:

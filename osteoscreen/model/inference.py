@@ -27,7 +27,7 @@ import torch
 
 from ..findings import ModelInfo
 from ..equipment import ScannerKeyError, ScannerKeys
-from .calibration import SITE_TYPE_NAMES, Calibration, CalibrationError, weights_hash
+from .calibration import SITE_TYPE_NAMES, Calibration, CalibrationError, feature_sets, weights_hash
 from .network import OsteoNet, channel_statistics
 
 log = logging.getLogger("osteoscreen.model")
@@ -183,9 +183,11 @@ class LoadedModel:
         return self
 
     def predict(self, crops: np.ndarray, covariates: np.ndarray, site_types: np.ndarray,
-                batch_size: int = 32, lap: Callable[[str], None] | None = None) -> Prediction:
-        """crops: N×S×S normalised; covariates: N×7; site_types: N ints. lap(stage), if given, is called
-        as each stage ends ("infer", "gradcam"): how bench/inference.py times them."""
+                batch_size: int = 32, lap: Callable[[str], None] | None = None, images=None) -> Prediction:
+        """crops: N×S×S normalised; covariates: N×7; site_types: N ints; images: N keys of the image
+        each crop comes from (None: every crop its own), which a calibration's feature correction
+        may read across (calibration.feature_sets). lap(stage), if given, is called as each stage
+        ends ("infer", "gradcam"): how bench/inference.py times them."""
         site_types = np.asarray(site_types, dtype=np.int64)
         lap = lap or (lambda stage: None)
         parts = [self._predict_batch(crops[i:i + batch_size], covariates[i:i + batch_size], site_types[i:i + batch_size],
@@ -195,7 +197,7 @@ class LoadedModel:
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
         probs, ts, cams, embs, implant, stats = (np.concatenate(p) for p in zip(*parts))
         if self.calibration is not None:  # the calibration's T-score corrections, per site type
-            features = {"pooled": embs, "channel_stats": stats}  # calibration.FEATURE_SETS
+            features = feature_sets(embs, stats, site_types, images)
             ts = np.stack([self.calibration.correct(ts[:, k], site_types, name, features=features)
                            for k, name in enumerate(["", *self.region_names])], axis=1)
             if self.calibration.probabilities == "predictive":

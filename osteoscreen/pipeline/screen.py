@@ -150,7 +150,8 @@ def _score(pending: list[_Pending], heatmaps: bool, feather: float) -> dict[int,
 def _score_with(pending: list[_Pending], model: LoadedModel, heatmaps: bool, feather: float) -> dict[int, _Scored]:
     pred = model.predict(np.stack([normalise(p.crop.pixels) for p in pending]),
                          np.array([p.covariates for p in pending], dtype=np.float32),
-                         np.array([p.site_type for p in pending]))
+                         np.array([p.site_type for p in pending]),
+                         images=[id(p.result) for p in pending])  # the two hips of one pelvis belong together
     outside = pred.out_of_distribution()
     metal = (pred.implant_probability > IMPLANT_PROBABILITY_LIMIT if pred.implant_probability is not None
              else np.zeros(len(pending), dtype=bool))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..findings import CLASSES
-from ..model.calibration import SITE_TYPE_NAMES, Calibration
+from ..model.calibration import SITE_TYPE_NAMES, Calibration, feature_sets
 from ..model.inference import LoadedModel, mahalanobis
 from .adapt import DEFAULT_SITE_TYPE_SHARES, adapt_batchnorm, refit_gate
 from .dataset import REGION_OUTPUTS, Samples, extract_samples
@@ -47,8 +47,8 @@ def _outputs(net, s: Samples, model: LoadedModel, device) -> dict:
     return {"logits": o.logits.numpy().astype(np.float64), "t": t[:, 0],
             "regions": {r: t[:, k + 1] for k, r in enumerate(REGION_OUTPUTS) if t.shape[1] > k + 1},
             "features": o.features.numpy().astype(np.float64),  # the gate's
-            "feature_sets": {"pooled": o.features.numpy().astype(np.float64),
-                             "channel_stats": o.channel_stats.numpy().astype(np.float64)}}
+            "feature_sets": feature_sets(o.features.numpy().astype(np.float64),
+                                         o.channel_stats.numpy().astype(np.float64), s.site_types, s.images)}
 
 
 def _refused(features: np.ndarray, site_types: np.ndarray, gate: dict) -> np.ndarray:

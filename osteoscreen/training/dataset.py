@@ -57,11 +57,16 @@ class Samples:
     # N scanner keys (Manufacturer|ManufacturerModelName) and StudyDates (YYYYMMDD or "") of the images
     scanners: np.ndarray | None = None
     study_dates: np.ndarray | None = None
+    # N keys of the image each crop comes from (SOPInstanceUID); None (samples saved before it
+    # existed): the study stands in for it
+    images: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.labels)
         if self.scanners is None:
             self.scanners = np.full(n, "", dtype=object).astype(str)
+        if self.images is None:
+            self.images = np.asarray(self.groups).astype(str)
         if self.study_dates is None:
             self.study_dates = np.full(n, "", dtype=object).astype(str)
         if self.region_t_scores is None:
@@ -136,7 +141,7 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
                 np.round(square_crop(bone, loc.box, mirrored=(site == "left_hip")).pixels * 255).astype(np.uint8))
         label = -1 if np.isnan(t) else CLASSES.index(who_category(t))
         out.append((crop.pixels, cov, site_type(site, view), t, label, group, site, regions, implant, mask,
-                    scanner, str(ds.get("StudyDate", "") or "")))
+                    scanner, str(ds.get("StudyDate", "") or ""), str(ds.get("SOPInstanceUID", path))))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
 
 
@@ -200,4 +205,5 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
                    labels=np.array(cols[4], dtype=np.int64), groups=np.array(cols[5]),
                    sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32),
                    implants=np.array(cols[8], dtype=np.int64), masks=masks, has_mask=has_mask,
-                   scanners=np.array(cols[10]).astype(str), study_dates=np.array(cols[11]).astype(str)), problems
+                   scanners=np.array(cols[10]).astype(str), study_dates=np.array(cols[11]).astype(str),
+                   images=np.array(cols[12]).astype(str)), problems

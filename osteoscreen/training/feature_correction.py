@@ -19,10 +19,12 @@ correction", i.e. toward the line:
   synthD pool, hip MAE 0.244 → 0.237 on the pool's other studies, and the likelihood chooses the width
   and the penalty in a second where the grid took ten (docs/CALIBRATION.md).
 
-Two feature sets (model.calibration.FEATURE_SETS): the last map's 96 pooled features, and the
-per-channel means and standard deviations of every map (416, network.channel_statistics). The
+Three feature sets (model.calibration.feature_sets): the last map's 96 pooled features, the
+per-channel means and standard deviations of every map (416, network.channel_statistics), and those
+beside their mean over the image's crops of the same site type ("channel_stats_image", 832). The
 early layers' statistics describe contrast and texture, what edge enhancement and dynamic-range
-compression change. On the synthD pool (100 labelled studies), ridge on them left MAE 0.26 on hips
+compression change; both hips of a pelvis went through the same processing, so the other hip's
+statistics tell more about it (what the line leaves is half shared between them). On the synthD pool (100 labelled studies), ridge on them left MAE 0.26 on hips
 against 0.28 on the pooled features, and the Gaussian process 0.23 (docs/CALIBRATION.md). Which of the
 `CANDIDATES` a site type gets, or none, is decided out of fold by `recalibrate.cross_fit`: its
 default (`DEFAULTS`) unless another candidate, or the line alone, has a lower out-of-fold error
@@ -47,15 +49,17 @@ GP_NOISE_FLOOR = 1e-3  # lower bound of the white-noise level (T-score units²):
 KINDS = ("ridge", "gp")
 # (feature set, regression, scope) triples cross_fit tries for each site type; the scope is what a
 # correction is fitted on: "site", the site type's own labelled crops, or "all", every site type's
-CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), ("channel_stats", "gp", "site"),
+CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), ("channel_stats_image", "gp", "site"),
               ("channel_stats", "ridge", "all"), ("channel_stats", "gp", "all"))
 # What a site type gets unless another candidate (or the line alone) beats it clearly out of fold: the
-# Gaussian process on the hips' own crops, and for the lumbar views, which a site labels far fewer of,
-# the one fitted on every site type's crops. Picking the lowest out-of-fold MAE among five candidates
-# on ~30 lumbar crops picked noise: on 7 draws of 100 labelled studies from the synthD pool the
-# node-level MAE on the pool's other studies was 0.268 that way and 0.263 with these defaults
+# Gaussian process on the hips' own crops, reading the other hip of the pelvis too (a lumbar view is
+# alone in its image, so there it is the channel statistics' Gaussian process), and for the lumbar
+# views, which a site labels far fewer of, the one fitted on every site type's crops. Picking the
+# lowest out-of-fold MAE among five candidates on ~30 lumbar crops picked noise: on 7 draws of 100
+# labelled studies from the synthD pool the node-level MAE on the pool's other studies was 0.268 that
+# way and 0.263 with these defaults, 0.259 once the hips read their pelvis's other hip
 # (docs/CALIBRATION.md).
-DEFAULTS = {"hip": ("channel_stats", "gp", "site"), "lumbar_ap": ("channel_stats", "gp", "all"),
+DEFAULTS = {"hip": ("channel_stats_image", "gp", "site"), "lumbar_ap": ("channel_stats", "gp", "all"),
             "lumbar_lat": ("channel_stats", "gp", "all")}
 # one-sided significance at which a challenger's lower out-of-fold error (paired by study) replaces the default
 SWITCH_P = 0.05
