@@ -91,12 +91,14 @@ for seed in seeds:
     r = json.loads((b / "draws" / seed / "node_profile_calibrated.json").read_text())
     rows[seed] = {"mae": r["t_score"]["mae"], "bias": r["t_score"]["bland_altman"]["mean_difference"], "coverage": r["t_score"]["interval"]["coverage"],
                   "ece": r["ece"], "osteoporosis_auc": r["classes"]["osteoporosis"]["auc"],
+                  "femoral_neck_mae": r["regions"]["femoral_neck"]["mae"],
                   "not_assessable": r.get("not_assessable", {}).get("n", 0)}
 mean = {k: sum(v[k] for v in rows.values()) / len(rows) for k in next(iter(rows.values()))}
 print("== synthD calibrated, draws " + " ".join(seeds))
 for seed, v in [*rows.items(), ("mean", mean)]:
     print(f"  {seed:>5}: MAE {v['mae']:.3f}  bias {v['bias']:+.3f}  coverage {100 * v['coverage']:.1f} %  "
-          f"ECE {v['ece']:.3f}  AUC {v['osteoporosis_auc']:.3f}  not assessable {v['not_assessable']:.0f}")
+          f"ECE {v['ece']:.3f}  AUC {v['osteoporosis_auc']:.3f}  femoral neck MAE {v['femoral_neck_mae']:.3f}  "
+          f"not assessable {v['not_assessable']:.0f}")
 (b / "draws" / "summary.json").write_text(json.dumps({"draws": rows, "mean": mean}, indent=1))
 PY
 fi

@@ -211,6 +211,7 @@ def test_a_hip_reads_the_other_hip_of_its_pelvis_and_no_other_image(fitted):
     assert feature_sets(np.zeros((4, 1)), stats, np.zeros(4))["channel_stats_image"][:, 3:].tolist() == stats.tolist()
     cal = fitted["mixed"]
     assert cal.feature_correction["hip"]["features"] == "channel_stats_image"
+    assert cal.feature_correction["hip"]["sub_regions"] is True  # the neck of the same crop is corrected too
     model = LoadedModel(DEFAULT_MODEL, "cpu").with_calibration(cal)
     studies = [make_study("hip", np.random.default_rng(seed), profile="synthD")[0].dataset for seed in (78, 79)]
     alone = screen_study([StudyImage(studies[1], "hip", "ap")], model, heatmaps=False)[0].sites
@@ -412,14 +413,24 @@ def test_feature_correction_takes_what_the_line_leaves(tmp_path):
         broken["feature_correction"]["hip"][key] = value
         with pytest.raises(CalibrationError, match="malformed"):
             Calibration.from_json(broken)
-    # at inference: the site T moves by the term of the crop's own pooled features, its neck T does not
+    # at inference: the site T moves by the term of the crop's own pooled features; its neck T moves
+    # by the same term where the fit says sub_regions (as calibrate now writes it), else not
     crops = np.random.default_rng(6).uniform(-1, 1, (2, CROP_SIZE, CROP_SIZE)).astype(np.float32)
     cov, st = np.zeros((2, 7), np.float32), np.zeros(2, np.int64)
     plain = model.with_calibration(Calibration(**{**cal.__dict__, "id": "", "feature_correction": {}}))
     a, b = plain.predict(crops, cov, st), model.with_calibration(cal).predict(crops, cov, st)
-    assert b.t_scores - a.t_scores == pytest.approx(0.2 + 0.5 * a.embeddings[:, 0], abs=1e-6)
-    for name, values in (a.region_t_scores or {}).items():
-        assert b.region_t_scores[name] == pytest.approx(values, nan_ok=True)
+    term = 0.2 + 0.5 * a.embeddings[:, 0]
+    assert b.t_scores - a.t_scores == pytest.approx(term, abs=1e-6)
+    assert a.region_t_scores and set(a.region_t_scores) == {"femoral_neck"}
+    assert b.region_t_scores["femoral_neck"] == pytest.approx(a.region_t_scores["femoral_neck"])
+    both = Calibration(**{**cal.__dict__, "id": "", "feature_correction": {"hip": {**fit, "sub_regions": True}}})
+    c = model.with_calibration(both).predict(crops, cov, st)
+    assert c.t_scores == pytest.approx(b.t_scores, abs=1e-9)
+    assert c.region_t_scores["femoral_neck"] - a.region_t_scores["femoral_neck"] == pytest.approx(term, abs=1e-6)
+    with pytest.raises(CalibrationError, match="malformed"):
+        broken = both.to_json()
+        broken["feature_correction"]["hip"]["sub_regions"] = "yes"
+        Calibration.from_json(broken)
 
 
 def test_a_sparse_site_type_borrows_the_feature_correction_of_every_site_type():

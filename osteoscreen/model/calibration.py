@@ -12,7 +12,8 @@ It may hold, each part optional:
 - ``feature_correction``: per site type, where the local cases support it, a regression (ridge, or a
   Gaussian process's posterior mean) of what the line leaves on image features the network computes
   (``training.feature_correction``): the part of a scanner's error that varies from image to image with its processing. Each fit names its
-  feature set (`FEATURE_SETS`; "pooled" where a record made before the choice existed names none);
+  feature set (`FEATURE_SETS`; "pooled" where a record made before the choice existed names none)
+  and, with ``sub_regions``, corrects the site type's sub-region estimates (femoral neck) too;
 - ``residuals``: per interval bin (``hip``, ``lumbar_ap``, ``lumbar_lat``, ``lumbar_fused``) the
   signed out-of-fold residuals (true − corrected estimate) from which split-conformal prediction
   intervals are made (Mondrian: one quantile per bin, by crepes).
@@ -122,20 +123,23 @@ class Calibration:
     # ---- application
     def correct(self, t: np.ndarray, site_types: np.ndarray, output: str = "",
                 features: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Apply the linear T-score corrections (identity where none was fitted), then, for the site
-        estimate (`output` ""), the feature corrections, each reading its feature set from
-        `features` (name → N×F arrays, `FEATURE_SETS`). `output` names a sub-region output
-        ("femoral_neck"), corrected by its own line or else by its site type's."""
+        """Apply the linear T-score corrections (identity where none was fitted), then the feature
+        corrections, each reading its feature set from `features` (name → N×F arrays,
+        `FEATURE_SETS`). `output` names a sub-region output ("femoral_neck"), corrected by its own
+        line or else by its site type's, then by its site type's feature correction where that says
+        `sub_regions` (the processing that moves a total-hip estimate moves the neck's in the same
+        crop; records made before 2026-12-03 correct the site estimate only)."""
         t = np.asarray(t, dtype=np.float64).copy()
         site_types = np.asarray(site_types)
-        if self.feature_correction and not output and features is None:
+        fits = {name: fit for name, fit in self.feature_correction.items() if not output or fit.get("sub_regions")}
+        if fits and features is None:
             raise ValueError(f"calibration {self.id} corrects with image features: pass them")
         for index, name in enumerate(SITE_TYPE_NAMES):
             fit = self.t_correction.get(f"{name}:{output}" if output else name) or self.t_correction.get(name)
             m = site_types == index
             if fit:
                 t[m] = fit["intercept"] + fit["slope"] * t[m]
-            feature_fit = None if output else self.feature_correction.get(name)
+            feature_fit = fits.get(name)
             if feature_fit and m.any():
                 which = feature_set(feature_fit)
                 if features.get(which) is None:
@@ -290,6 +294,8 @@ def _well_formed(fit) -> bool:
         if feature_set(fit) not in FEATURE_SETS or kind not in ("ridge", *_KERNEL_PARAMETERS):
             return False
         if kind == "gp" and fit.get("nu") != 1.5:  # the only Matérn feature_term computes
+            return False
+        if not isinstance(fit.get("sub_regions", False), bool):
             return False
         mean, scale = np.asarray(fit["mean"], np.float64), np.asarray(fit["scale"], np.float64)
         numbers = [mean, scale, np.asarray([fit["intercept"]], np.float64)]

@@ -115,7 +115,10 @@ def fit_feature_corrections(d: Labelled, idx: np.ndarray, line: Calibration, cho
         else:
             fit = fit_feature_correction(d.features[feature_set][idx][m], residuals[m], w[m], feature_set, kind)
         if fit:
-            out[name] = fit
+            # its term corrects the femoral neck of the same crop too (after the neck's own line): on 3
+            # draws of 100 labelled synthD studies neck MAE 0.45 -> 0.30, against 0.31 for a Gaussian
+            # process of its own on the neck's residuals (docs/CALIBRATION.md)
+            out[name] = {**fit, "sub_regions": True}
     return out
 
 
