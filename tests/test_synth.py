@@ -408,3 +408,26 @@ def test_plain_anatomy_is_unchanged_without_extras():
         empty = phantoms.StudyExtras(lumbar=phantoms.LumbarFindings())
         for other in (draw(True), draw(False, extras=empty, foreign=())):
             assert np.array_equal(base.attenuation, other.attenuation) and other.metal is None
+
+
+def test_an_interrupted_synthesis_leaves_no_manifest_that_looks_complete(tmp_path, monkeypatch):
+    """The manifest appears only once every study is written (scripts skip a set whose manifest
+    exists); a run into a folder that held a manifest removes it first."""
+    import osteoscreen.synth as synth
+    out = tmp_path / "set"
+    assert synthesize("hip", 1, out, seed=2, progress=False) == out / "manifest.csv"
+    real, written = synth.write_dataset, []
+
+    def failing(ds, path, *args):
+        if written:
+            raise OSError("disk full")
+        written.append(path)
+        return real(ds, path, *args)
+
+    monkeypatch.setattr(synth, "write_dataset", failing)
+    with pytest.raises(OSError, match="disk full"):
+        synthesize("hip", 3, out, seed=2, progress=False)
+    assert not (out / "manifest.csv").exists() and (out / "manifest.csv.partial").exists()
+    monkeypatch.setattr(synth, "write_dataset", real)
+    assert len(read_manifest(synthesize("hip", 3, out, seed=2, progress=False))[1]) == 3
+    assert not (out / "manifest.csv.partial").exists()

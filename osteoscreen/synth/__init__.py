@@ -270,8 +270,11 @@ def synthesize(kind: str, count: int, out: Path, *, seed: int = 0, views=None,
     _check_rate("foreign_body_rate", foreign_body_rate)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
+    # written as manifest.csv.partial and renamed once every study is on disk: an interrupted run
+    # leaves no manifest that looks complete (scripts skip a set whose manifest exists)
+    manifest, partial = out / "manifest.csv", out / "manifest.csv.partial"
+    manifest.unlink(missing_ok=True)
+    with open(partial, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for i in tqdm(range(count), desc=f"synthesising {kind} studies", unit="study", disable=not progress):
@@ -286,4 +289,5 @@ def synthesize(kind: str, count: int, out: Path, *, seed: int = 0, views=None,
                     row["bone_mask"] = name.replace(".dcm", "_bone.png")
                     write_mask_png(image.bone_mask, out / row["bone_mask"])
                 writer.writerow(row)
+    partial.replace(manifest)
     return manifest
