@@ -59,20 +59,15 @@ def node_figures(model, s) -> dict:
     t, truth, cal = pred.t_scores, s.t_scores.astype(np.float64), model.calibration
     intervals = cal.intervals(t, [SITE_TYPE_NAMES[k] for k in s.site_types], model.interval_level)
     hips = np.where((s.site_types == 0) & answered)[0]
-    est, true, low, high = [list(v) for v in (t[hips], truth[hips], intervals[hips, 0], intervals[hips, 1])]
-    pairs = [(a, b) for a, b in fused_pairs(s.groups, s.site_types) if answered[a] and answered[b]]
-    if pairs:
-        a, b = np.array(pairs).T
-        fused = (t[a] + t[b]) / 2
-        iv = cal.intervals(fused, ["lumbar_fused"] * len(a), model.interval_level)
-        est += list(fused)
-        true += list(truth[a])
-        low += list(iv[:, 0])
-        high += list(iv[:, 1])
-    est, true, low, high = (np.asarray(v, np.float64) for v in (est, true, low, high))
+    pairs = np.array([(a, b) for a, b in fused_pairs(s.groups, s.site_types) if answered[a] and answered[b]],
+                     dtype=int).reshape(-1, 2)
+    ap, lat = pairs.T
+    fused = (t[ap] + t[lat]) / 2
+    est, true = np.concatenate([t[hips], fused]), np.concatenate([truth[hips], truth[ap]])
+    bounds = np.concatenate([intervals[hips], cal.intervals(fused, ["lumbar_fused"] * len(ap), model.interval_level)])
     err = est - true
     n_hips = len(hips)
-    inside = (low <= true) & (true <= high)
+    inside = (bounds[:, 0] <= true) & (true <= bounds[:, 1])
     return {"sites": int(len(err)), "refused": float(1 - answered.mean()), "mae": float(np.abs(err).mean()),
             "bias": float(err.mean()), "coverage": float(inside.mean()),
             "hip_mae": float(np.abs(err[:n_hips]).mean()), "hip_coverage": float(inside[:n_hips].mean()),

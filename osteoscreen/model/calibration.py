@@ -248,10 +248,9 @@ def feature_sets(pooled: np.ndarray, channel_stats: np.ndarray, site_types: np.n
     (a lumbar view, a pelvis with one hip assessable) has its own statistics twice."""
     channel_stats = np.asarray(channel_stats)
     context = channel_stats.copy()
-    if images is not None and len(channel_stats):
-        keys = [(image, int(st)) for image, st in zip(images, site_types)]
+    if images is not None:
         members: dict = {}
-        for i, key in enumerate(keys):
+        for i, key in enumerate(zip(images, np.asarray(site_types).tolist())):
             members.setdefault(key, []).append(i)
         for rows in members.values():
             if len(rows) > 1:
