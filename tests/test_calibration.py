@@ -256,6 +256,21 @@ def test_calibration_draws_benchmark_partitions_the_pool_and_scores_like_predict
     iv = fitted["mixed"].intervals(pred.t_scores, ["hip"] * len(rest), 0.9)[answered]
     inside = (iv[:, 0] <= rest.t_scores[answered]) & (rest.t_scores[answered] <= iv[:, 1])
     assert figures["coverage"] == pytest.approx(inside.mean()) and figures["lumbar_mae"] is None
+    # the benchmark's shortcut: the network's outputs computed once, the calibration applied to them,
+    # gives what predict gives, and calibrate fitted on ready outputs is the same calibration
+    from bench.calibration_draws import node_figures_from_outputs
+    from osteoscreen.training.calibrate import calibrate, network_outputs
+    base = LoadedModel(DEFAULT_MODEL, "cpu")
+    shortcut = node_figures_from_outputs(model, network_outputs(base, rest), rest)
+    assert shortcut.keys() == figures.keys()
+    assert all(shortcut[k] == pytest.approx(v, abs=1e-4) for k, v in figures.items() if v is not None)
+    labelled, _ = draw(pool, 3, 20, 2)
+    direct = calibrate([], DEFAULT_MODEL, samples=labelled, progress=False)
+    ready = calibrate([], DEFAULT_MODEL, samples=labelled, progress=False, outputs=network_outputs(base, labelled))
+    for part in ("t_correction", "residuals", "ood", "temperature"):
+        assert json.dumps(getattr(ready, part)) == json.dumps(getattr(direct, part)), part
+    with pytest.raises(ValueError, match="every row"):
+        calibrate([], DEFAULT_MODEL, samples=labelled, progress=False, outputs=network_outputs(base, rest))
 
 
 def test_objects_carry_interval_and_calibration(sets, fitted, tmp_path, capsys):

@@ -41,14 +41,26 @@ class NotEnoughData(ValueError):
     """Too few usable cases for what was asked (the CLI exits 2)."""
 
 
-def _outputs(net, s: Samples, model: LoadedModel, device) -> dict:
-    o = predict_outputs(net, s, device, tta=model.tta)
+def network_outputs(model: LoadedModel, s: Samples, device: str = "cpu", net=None) -> dict:
+    """What calibrate reads of a network (the model's, or `net` with adapted BatchNorm) on the crops
+    of `s`, TTA-averaged: class logits, site and sub-region T estimates (uncorrected), the gate's
+    features and the feature corrections' feature sets (model.calibration.feature_sets)."""
+    o = predict_outputs(net or model.net, s, torch.device(device), tta=model.tta)
     t = o.t_norm.numpy().astype(np.float64) * model.t_std + model.t_mean
     return {"logits": o.logits.numpy().astype(np.float64), "t": t[:, 0],
             "regions": {r: t[:, k + 1] for k, r in enumerate(REGION_OUTPUTS) if t.shape[1] > k + 1},
             "features": o.features.numpy().astype(np.float64),  # the gate's
             "feature_sets": feature_sets(o.features.numpy().astype(np.float64),
                                          o.channel_stats.numpy().astype(np.float64), s.site_types, s.images)}
+
+
+def subset_outputs(out: dict, idx: np.ndarray, s: Samples) -> dict:
+    """network_outputs of the crops `idx`, whose samples are `s`: the image pairing of the feature
+    sets is made again within them."""
+    pooled = out["features"][idx]
+    return {"logits": out["logits"][idx], "t": out["t"][idx], "regions": {r: v[idx] for r, v in out["regions"].items()},
+            "features": pooled,
+            "feature_sets": feature_sets(pooled, out["feature_sets"]["channel_stats"][idx], s.site_types, s.images)}
 
 
 def _refused(features: np.ndarray, site_types: np.ndarray, gate: dict) -> np.ndarray:
@@ -114,16 +126,22 @@ def _before(model: LoadedModel, out: dict, lab: np.ndarray, s: Samples) -> tuple
 
 def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = None, level: float = 0.9,
               batchnorm: bool = False, batchnorm_prior: float = 16.0, device: str = "cpu", progress: bool = True,
-              seed: int = 0, samples: Samples | None = None, adapt_gate: bool = True) -> Calibration:
+              seed: int = 0, samples: Samples | None = None, adapt_gate: bool = True,
+              outputs: dict | None = None) -> Calibration:
     """Fit a calibration from the manifests' images (or ready `samples`); raises NotEnoughData.
-    adapt_gate=False keeps the model's gate (a model's own calibration, fitted on its validation data)."""
+    adapt_gate=False keeps the model's gate (a model's own calibration, fitted on its validation data).
+    outputs: network_outputs of the model on `samples`, already at hand (a benchmark that calibrates
+    many draws of one pool computes them once); not with batchnorm, which changes them."""
     model = LoadedModel(model_path, device=device, interval_level=level)
     if samples is None:
         try:
             samples, _ = extract_samples(manifests, progress=progress, unlabelled=True)
         except ValueError as exc:
             raise NotEnoughData(str(exc)) from None
-    samples = samples.subset(np.where(samples.implants == 0)[0])  # metal hides the bone
+    if outputs is not None and (batchnorm or len(outputs["t"]) != len(samples)):
+        raise ValueError("outputs: the unadapted network's outputs on every row of samples")
+    usable = np.where(samples.implants == 0)[0]  # metal hides the bone
+    samples = samples.subset(usable)
     if len(samples) < MIN_CROPS:
         raise NotEnoughData(f"only {len(samples)} usable site crops; calibrate needs at least {MIN_CROPS} "
                             f"(about {MIN_CROPS // 2} pelvis or lumbar studies) from this scanner")
@@ -134,14 +152,15 @@ def calibrate(manifests: list[Path], model_path: Path, *, scanner: str | None = 
                             f"needs at least {MIN_LABELLED_STUDIES} (leave the T-score columns empty to adapt "
                             "without labels)")
     dev = torch.device(device)
-    before = _outputs(model.net, samples, model, dev)
+    before = (subset_outputs(outputs, usable, samples) if outputs is not None
+              else network_outputs(model, samples, device))
     net = copy.deepcopy(model.net)
     buffers = None
     if batchnorm:
         shares = model.checkpoint.get("site_type_shares") or DEFAULT_SITE_TYPE_SHARES
         crops = normalise_batch(torch.from_numpy(samples.crops)[:, None]).to(dev)
         buffers = adapt_batchnorm(net, crops, samples.site_types, batchnorm_prior, shares)
-    after = _outputs(net, samples, model, dev) if batchnorm else before
+    after = network_outputs(model, samples, device, net) if batchnorm else before
     gate, gate_notes = (refit_gate(after["features"], samples.site_types, model.ood, seed=seed) if adapt_gate
                         else ({}, {}))
     new_gate = {**model.ood, **{int(k): (np.asarray(v["mean"]), np.asarray(v["precision"]), v["threshold"])
