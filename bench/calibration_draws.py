@@ -52,7 +52,10 @@ def draw_indices(pool, seed: int, n_labelled: int, n_unlabelled: int = UNLABELLE
 
 def draw(pool, seed: int, n_labelled: int, n_unlabelled: int = UNLABELLED):
     """draw_indices' samples: (those drawn, unlabelled ones without T-scores; the rest)."""
-    rows, labelled, rest = draw_indices(pool, seed, n_labelled, n_unlabelled)
+    return _drawn_samples(pool, *draw_indices(pool, seed, n_labelled, n_unlabelled))
+
+
+def _drawn_samples(pool, rows, labelled, rest):
     both = pool.subset(rows)
     both.t_scores = np.where(labelled, both.t_scores, np.nan).astype(np.float32)
     return both, pool.subset(rest)
@@ -72,14 +75,10 @@ def node_figures_from_outputs(model, out: dict, s) -> dict:
     (training.calibrate.network_outputs) and `model` is a calibrated view; the estimates are what its
     predict gives (the calibration's corrections on the same feature sets, its gate), which
     tests/test_calibration.py checks."""
-    from osteoscreen.model.inference import mahalanobis
+    from osteoscreen.training.calibrate import _refused
     t = model.calibration.correct(out["t"], s.site_types, features=out["feature_sets"])
-    answered = np.ones(len(t), dtype=bool)
-    for st, (mean, precision, threshold) in model.ood.items():
-        m = s.site_types == st
-        if m.any():
-            answered[m] = mahalanobis(out["features"][m], mean, precision) <= threshold
-    return _figures(t, answered, s, model.calibration, model.interval_level)
+    return _figures(t, ~_refused(out["features"], s.site_types, model.ood), s, model.calibration,
+                    model.interval_level)
 
 
 def _figures(t, answered, s, cal, level) -> dict:
@@ -121,7 +120,7 @@ def run(build: Path, seeds: list[int], n_labelled: int, save=None) -> dict:
                "seeds": list(seeds), "draws": {}}
     for seed in seeds:
         rows, labelled, left_out = draw_indices(pool, seed, n_labelled)
-        both, rest = draw(pool, seed, n_labelled)
+        both, rest = _drawn_samples(pool, rows, labelled, left_out)
         t0 = time.time()
         cal = calibrate([], DEFAULT_MODEL, samples=both, progress=False, seed=0,
                         outputs=subset_outputs(pool_out, rows, both))
