@@ -66,7 +66,8 @@ def node_figures(model, s) -> dict:
     from the model's own predict: hips one site each, a lumbar study's AP and lateral crops one fused
     site (their mean)."""
     from osteoscreen.pipeline.crops import normalise
-    pred = model.predict(np.stack([normalise(c) for c in s.crops]), s.covariates, s.site_types, images=s.images)
+    pred = model.predict(np.stack([normalise(c) for c in s.crops]), s.covariates, s.site_types, images=s.images,
+                         scenes=s.scenes)
     return _figures(pred.t_scores, ~pred.out_of_distribution(), s, model.calibration, model.interval_level)
 
 

@@ -53,7 +53,7 @@ def score_crops(model, s) -> dict:
     from osteoscreen.model.calibration import SITE_TYPE_NAMES
     from osteoscreen.pipeline.crops import normalise
     crops = np.stack([normalise(c) for c in s.crops])
-    pred = model.predict(crops, s.covariates, s.site_types, images=s.images)
+    pred = model.predict(crops, s.covariates, s.site_types, images=s.images, scenes=s.scenes)
     answered = ~pred.out_of_distribution()
     t, truth = pred.t_scores[answered], s.t_scores[answered].astype(float)
     out = {"n": int(len(s)), "refused": float(1 - answered.mean())}

@@ -16,6 +16,7 @@ from osteoscreen.config import DEFAULT_MODEL
 from osteoscreen.model.calibration import (Calibration, CalibrationError, parse_scanner_key, scanner_key)
 from osteoscreen.model.inference import LoadedModel, ScannerModels
 from osteoscreen.pipeline.crops import CROP_SIZE, normalise
+from osteoscreen.pipeline.scene import scene_descriptors
 from osteoscreen.pipeline.screen import StudyImage, screen_studies, screen_study
 from osteoscreen.reports.read import read_sr
 from osteoscreen.synth import make_study, synthesize
@@ -210,7 +211,7 @@ def test_a_hip_reads_the_other_hip_of_its_pelvis_and_no_other_image(fitted):
     assert pair[2, 3:].tolist() == stats[2].tolist() and pair[3, 3:].tolist() == stats[3].tolist()  # alone
     assert feature_sets(np.zeros((4, 1)), stats, np.zeros(4))["channel_stats_image"][:, 3:].tolist() == stats.tolist()
     cal = fitted["mixed"]
-    assert cal.feature_correction["hip"]["features"] == "channel_stats_image"
+    assert cal.feature_correction["hip"]["features"] == "channel_stats_image_scene"  # and the image's descriptors
     assert cal.feature_correction["hip"]["sub_regions"] is True  # the neck of the same crop is corrected too
     model = LoadedModel(DEFAULT_MODEL, "cpu").with_calibration(cal)
     studies = [make_study("hip", np.random.default_rng(seed), profile="synthD")[0].dataset for seed in (78, 79)]
@@ -228,9 +229,51 @@ def test_a_hip_reads_the_other_hip_of_its_pelvis_and_no_other_image(fitted):
     located = {loc.site: loc for loc in locate_sites(rad.pixels, rad.spacing_mm, "hip", "ap")}
     crops = np.stack([normalise(square_crop(rad.pixels, located[s].box, mirrored=(s == "left_hip")).pixels)
                       for s in ("right_hip", "left_hip")])
-    paired = model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 0]).t_scores
-    apart = model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 1]).t_scores
+    scenes = np.stack([scene_descriptors(rad.pixels, rad.spacing_mm[0])] * 2)
+    paired = model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 0], scenes=scenes).t_scores
+    apart = model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 1], scenes=scenes).t_scores
     assert np.abs(paired - apart).max() > 1e-3
+    # the whole image's descriptors count too: another image's give other estimates, none an error
+    rad0 = load_radiograph(studies[0])
+    elsewhere = np.stack([scene_descriptors(rad0.pixels, rad0.spacing_mm[0])] * 2)
+    assert np.abs(model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 0],
+                                scenes=elsewhere).t_scores - paired).max() > 1e-3
+    with pytest.raises(ValueError, match="whole image's descriptors"):
+        model.predict(crops, np.zeros((2, 7)), np.zeros(2, np.int64), images=[0, 0])
+
+
+def test_the_image_descriptors_enter_the_feature_sets_weighted_and_are_optional(sets, fitted):
+    """feature_sets sets each crop's image descriptors (pipeline.scene) after the channel statistics
+    in the SCENE_SETS, only where every crop has finite ones; a fit on them weights each standardised
+    descriptor by SCENE_WEIGHT in its record's scale; samples without descriptors (extracted before
+    they existed) calibrate on the sets without them, as before."""
+    from osteoscreen.model.calibration import SCENE_SETS, feature_sets
+    from osteoscreen.pipeline.scene import SCENE_SIZE
+    from osteoscreen.training.calibrate import calibrate
+    from osteoscreen.training.dataset import extract_samples
+    from osteoscreen.training.feature_correction import SCENE_WEIGHT, fit_feature_correction
+    stats, scenes = np.arange(12.0).reshape(4, 3), np.arange(8.0).reshape(4, 2)
+    with_scenes = feature_sets(np.zeros((4, 1)), stats, np.zeros(4), images=["a", "a", "b", "b"], scenes=scenes)
+    for name, without in SCENE_SETS.items():
+        assert with_scenes[name][:, :-2].tolist() == with_scenes[without].tolist()
+        assert with_scenes[name][:, -2:].tolist() == scenes.tolist()
+    assert not set(SCENE_SETS) & set(feature_sets(np.zeros((4, 1)), stats, np.zeros(4)))
+    scenes[1, 0] = np.nan
+    assert not set(SCENE_SETS) & set(feature_sets(np.zeros((4, 1)), stats, np.zeros(4), scenes=scenes))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 10 + SCENE_SIZE)) * 3.0
+    y = x[:, -1] * 0.1 + rng.normal(scale=0.05, size=40)
+    fit = fit_feature_correction(x, y, np.ones(40), "channel_stats_scene", "gp")
+    std = x.std(axis=0)
+    assert np.allclose(fit["scale"][:10], std[:10]) and np.allclose(fit["scale"][10:], std[10:] / SCENE_WEIGHT)
+    assert fit_feature_correction(x, y, np.ones(40), "channel_stats", "gp")["scale"] == pytest.approx(std.tolist())
+    # a Samples cache of before: NaN descriptors, the hips' correction on their pelvis's channel statistics
+    samples, _ = extract_samples([sets["labelled"]], progress=False, unlabelled=True)
+    assert samples.scenes.shape == (len(samples), SCENE_SIZE) and np.isfinite(samples.scenes).all()
+    samples.scenes = np.full_like(samples.scenes, np.nan)
+    old = calibrate([], DEFAULT_MODEL, samples=samples, progress=False)
+    assert old.feature_correction["hip"]["features"] == "channel_stats_image" and not old.reads_scenes
+    assert fitted["mixed"].reads_scenes
 
 
 def test_calibration_draws_benchmark_partitions_the_pool_and_scores_like_predict(sets, fitted):
@@ -249,7 +292,7 @@ def test_calibration_draws_benchmark_partitions_the_pool_and_scores_like_predict
     model = LoadedModel(DEFAULT_MODEL, "cpu").with_calibration(fitted["mixed"])
     figures = node_figures(model, rest)
     pred = model.predict(np.stack([normalise(c) for c in rest.crops]), rest.covariates, rest.site_types,
-                         images=rest.images)
+                         images=rest.images, scenes=rest.scenes)
     answered = ~pred.out_of_distribution()
     err = (pred.t_scores - rest.t_scores)[answered]
     assert figures["sites"] == answered.sum() > 0 and figures["mae"] == pytest.approx(np.abs(err).mean())
@@ -478,7 +521,7 @@ def test_a_site_type_keeps_its_default_feature_correction_unless_another_is_clea
     """Out of fold, a candidate replaces the site type's default only when its lower error is
     significant by study (few labelled crops make the lowest MAE a lottery); the line alone can win
     the same way; where the default's features are not at hand, the line alone is the default."""
-    from osteoscreen.training.feature_correction import DEFAULTS, SWITCH_P, label
+    from osteoscreen.training.feature_correction import DEFAULTS, FALLBACK_DEFAULTS, SWITCH_P, label
     from osteoscreen.training.recalibrate import Labelled, _choose_feature_corrections
     rng = np.random.default_rng(21)
     n = 120
@@ -502,13 +545,18 @@ def test_a_site_type_keeps_its_default_feature_correction_unless_another_is_clea
     text = format_calibration_report(Calibration(created="", model={"weights_sha256": "x"}, report={"labelled": {
         "before": {}, "after_cross_validated": {}, "folds": 10, "probabilities": "classifier",
         "ece_by_probability_mode": {"temperature": 0.02}, "feature_correction": report}}))
-    assert "hip         feature correction: channel_stats ridge (clearly better than the default, channel_stats_image gp)" in text
+    assert ("hip         feature correction: channel_stats ridge (clearly better than the default, "
+            "channel_stats_image_scene gp)") in text
     worse = {default: truth + rng.normal(0, 1.0, n)}  # the line alone is clearly better: no feature correction
     chosen, report = _choose_feature_corrections(d, line, worse)
     assert chosen == {} and report["hip"]["used"] is None and report["hip"]["p_against_default"]["line alone"] < SWITCH_P
     without = {ridge: truth + shared}  # no default among the candidates
     chosen, report = _choose_feature_corrections(d, line, without)
     assert report["hip"]["default"] is None and chosen == {"hip": ridge}  # it beats the line clearly
+    # without the whole image's descriptors the default is the same set without them
+    fallback = FALLBACK_DEFAULTS["hip"]
+    chosen, report = _choose_feature_corrections(d, line, {fallback: truth + shared, ridge: truth + shared * 1.02})
+    assert chosen == {"hip": fallback} and report["hip"]["default"] == label(fallback) == "channel_stats_image gp"
 
 
 def test_gaussian_process_feature_correction_on_channel_statistics(tmp_path):

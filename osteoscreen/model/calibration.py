@@ -43,8 +43,11 @@ INTERVAL_BINS = (*SITE_TYPE_NAMES, "lumbar_fused")
 MIN_BIN_RESIDUALS = 9  # fewer residuals than this give no 90 % interval (crepes would return ±inf)
 # image features a feature correction may read (`feature_sets`): the last map's pooled features (the
 # gate's, 96), every map's per-channel means and SDs (416), or those beside their mean over the crops
-# of the same site type in the same image (832: a hip sees its pelvis's other hip)
-FEATURE_SETS = ("pooled", "channel_stats", "channel_stats_image")
+# of the same site type in the same image (832: a hip sees its pelvis's other hip); the last two
+# with the whole image's descriptors after them (pipeline.scene, 39: its processing)
+FEATURE_SETS = ("pooled", "channel_stats", "channel_stats_image", "channel_stats_scene", "channel_stats_image_scene")
+# a set that reads the whole image's descriptors → the same set without them
+SCENE_SETS = {"channel_stats_scene": "channel_stats", "channel_stats_image_scene": "channel_stats_image"}
 
 
 class CalibrationError(ValueError):
@@ -121,6 +124,12 @@ class Calibration:
                 "n_unlabelled": int(self.n.get("unlabelled_studies", 0))}
 
     # ---- application
+    @property
+    def reads_scenes(self) -> bool:
+        """Whether a feature correction reads the whole image's descriptors (pipeline.scene): the
+        node computes them only then."""
+        return any(feature_set(fit) in SCENE_SETS for fit in self.feature_correction.values())
+
     def correct(self, t: np.ndarray, site_types: np.ndarray, output: str = "",
                 features: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Apply the linear T-score corrections (identity where none was fitted), then the feature
@@ -143,7 +152,8 @@ class Calibration:
             if feature_fit and m.any():
                 which = feature_set(feature_fit)
                 if features.get(which) is None:
-                    raise ValueError(f"calibration {self.id} corrects {name} with the {which} features: pass them")
+                    what = " (the whole image's descriptors, pipeline.scene)" if which in SCENE_SETS else ""
+                    raise ValueError(f"calibration {self.id} corrects {name} with the {which} features{what}: pass them")
                 t[m] += feature_term(feature_fit, np.asarray(features[which])[m])
         return t
 
@@ -238,14 +248,16 @@ class Calibration:
 
 
 def feature_sets(pooled: np.ndarray, channel_stats: np.ndarray, site_types: np.ndarray,
-                 images=None) -> dict[str, np.ndarray]:
+                 images=None, scenes=None) -> dict[str, np.ndarray]:
     """The feature sets (`FEATURE_SETS`) of N crops from one forward pass's pooled features and
     channel statistics; `images` (N keys, None: each crop its own image) says which crops share an
     image. "channel_stats_image" sets each crop's channel statistics beside their mean over the
     crops of its site type in its image: what is left after the line is half shared between the two
     hips of one pelvis, since both went through the same exposure and processing, and the other hip's
     statistics say more about that than one crop's do (docs/CALIBRATION.md). A crop alone in its image
-    (a lumbar view, a pelvis with one hip assessable) has its own statistics twice."""
+    (a lumbar view, a pelvis with one hip assessable) has its own statistics twice. `scenes` (N×K,
+    each crop's image's pipeline.scene descriptors) add the `SCENE_SETS`, each of the two sets with
+    the descriptors after it; where they are missing or not finite for some crop, those sets are absent."""
     channel_stats = np.asarray(channel_stats)
     context = channel_stats.copy()
     if images is not None:
@@ -255,8 +267,13 @@ def feature_sets(pooled: np.ndarray, channel_stats: np.ndarray, site_types: np.n
         for rows in members.values():
             if len(rows) > 1:
                 context[rows] = channel_stats[rows].mean(axis=0)
-    return {"pooled": pooled, "channel_stats": channel_stats,
-            "channel_stats_image": np.concatenate([channel_stats, context], axis=1)}
+    out = {"pooled": pooled, "channel_stats": channel_stats,
+           "channel_stats_image": np.concatenate([channel_stats, context], axis=1)}
+    if scenes is not None:
+        scenes = np.asarray(scenes, np.float64).reshape(len(channel_stats), -1)
+        if np.isfinite(scenes).all():
+            out.update({name: np.concatenate([out[without], scenes], axis=1) for name, without in SCENE_SETS.items()})
+    return out
 
 
 def feature_set(fit: dict) -> str:

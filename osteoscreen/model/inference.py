@@ -183,10 +183,13 @@ class LoadedModel:
         return self
 
     def predict(self, crops: np.ndarray, covariates: np.ndarray, site_types: np.ndarray,
-                batch_size: int = 32, lap: Callable[[str], None] | None = None, images=None) -> Prediction:
+                batch_size: int = 32, lap: Callable[[str], None] | None = None, images=None,
+                scenes=None) -> Prediction:
         """crops: N×S×S normalised; covariates: N×7; site_types: N ints; images: N keys of the image
         each crop comes from (None: every crop its own), which a calibration's feature correction
-        may read across (calibration.feature_sets). lap(stage), if given, is called as each stage
+        may read across (calibration.feature_sets); scenes: N×K descriptors of each crop's whole image
+        (pipeline.scene), which a calibration may read too (`Calibration.reads_scenes`; without them
+        such a calibration raises ValueError). lap(stage), if given, is called as each stage
         ends ("infer", "gradcam"): how bench/inference.py times them."""
         site_types = np.asarray(site_types, dtype=np.int64)
         lap = lap or (lambda stage: None)
@@ -197,7 +200,7 @@ class LoadedModel:
             return Prediction(np.zeros((0, 3)), np.zeros(0), np.zeros((0, s, s)), np.zeros((0, 0)))
         probs, ts, cams, embs, implant, stats = (np.concatenate(p) for p in zip(*parts))
         if self.calibration is not None:  # the calibration's T-score corrections, per site type
-            features = feature_sets(embs, stats, site_types, images)
+            features = feature_sets(embs, stats, site_types, images, scenes)
             ts = np.stack([self.calibration.correct(ts[:, k], site_types, name, features=features)
                            for k, name in enumerate(["", *self.region_names])], axis=1)
             if self.calibration.probabilities == "predictive":

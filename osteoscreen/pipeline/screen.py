@@ -28,6 +28,7 @@ from .crops import SITE_TYPES, normalise, paste_map, site_type, square_crop
 from .dicom_io import BlankImage, UnreadablePixels, load_radiograph, resample
 from .localize import locate_sites
 from .quality import MetalDetector, anatomy_present
+from .scene import scene_descriptors
 
 MIN_LOCALISATION_CONFIDENCE = 0.5
 IMPLANT_PROBABILITY_LIMIT = 0.5  # the model's implant head (trained on labelled crops)
@@ -85,6 +86,7 @@ class _Pending:
     site_type: int
     shape: tuple[int, int]
     model: LoadedModel  # the model under the calibration of this image's scanner
+    scene: np.ndarray | None = None  # the whole image's descriptors, where the calibration reads them
 
 
 @dataclass
@@ -126,6 +128,10 @@ def _locate_and_gate(ds: Dataset, item: StudyImage, rad, result: ImageResult, si
         result.sites.append(finding)
         crop = square_crop(rad.pixels, loc.box, mirrored=(site == "left_hip"))
         pending.append(_Pending(result, finding, crop, cov, site_type(site, item.view), rad.pixels.shape, model))
+    if pending and model.calibration is not None and model.calibration.reads_scenes:
+        scene = scene_descriptors(rad.pixels, rad.spacing_mm[0])  # once per image, for its sites
+        for p in pending:
+            p.scene = scene
     return pending
 
 
@@ -151,7 +157,9 @@ def _score_with(pending: list[_Pending], model: LoadedModel, heatmaps: bool, fea
     pred = model.predict(np.stack([normalise(p.crop.pixels) for p in pending]),
                          np.array([p.covariates for p in pending], dtype=np.float32),
                          np.array([p.site_type for p in pending]),
-                         images=[id(p.result) for p in pending])  # the two hips of one pelvis belong together
+                         images=[id(p.result) for p in pending],  # the two hips of one pelvis belong together
+                         scenes=(np.stack([p.scene for p in pending]) if all(p.scene is not None for p in pending)
+                                 else None))
     outside = pred.out_of_distribution()
     metal = (pred.implant_probability > IMPLANT_PROBABILITY_LIMIT if pred.implant_probability is not None
              else np.zeros(len(pending), dtype=bool))

@@ -51,7 +51,8 @@ def network_outputs(model: LoadedModel, s: Samples, device: str = "cpu", net=Non
             "regions": {r: t[:, k + 1] for k, r in enumerate(REGION_OUTPUTS) if t.shape[1] > k + 1},
             "features": o.features.numpy().astype(np.float64),  # the gate's
             "feature_sets": feature_sets(o.features.numpy().astype(np.float64),
-                                         o.channel_stats.numpy().astype(np.float64), s.site_types, s.images)}
+                                         o.channel_stats.numpy().astype(np.float64), s.site_types, s.images,
+                                         s.scenes)}
 
 
 def subset_outputs(out: dict, idx: np.ndarray, s: Samples) -> dict:
@@ -60,7 +61,8 @@ def subset_outputs(out: dict, idx: np.ndarray, s: Samples) -> dict:
     pooled = out["features"][idx]
     return {"logits": out["logits"][idx], "t": out["t"][idx], "regions": {r: v[idx] for r, v in out["regions"].items()},
             "features": pooled,
-            "feature_sets": feature_sets(pooled, out["feature_sets"]["channel_stats"][idx], s.site_types, s.images)}
+            "feature_sets": feature_sets(pooled, out["feature_sets"]["channel_stats"][idx], s.site_types, s.images,
+                                         s.scenes)}
 
 
 def _refused(features: np.ndarray, site_types: np.ndarray, gate: dict) -> np.ndarray:

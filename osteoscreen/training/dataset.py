@@ -30,6 +30,7 @@ from ..pipeline.covariates import read_covariates
 from ..pipeline.crops import square_crop, site_type
 from ..pipeline.dicom_io import UnreadablePixels, load_radiograph, resample
 from ..pipeline.localize import locate_sites
+from ..pipeline.scene import SCENE_SIZE, scene_descriptors
 from ..pipeline.screen import (EXPECTED_SITES, MIN_LOCALISATION_CONFIDENCE, header_laterality,
                                patient_left_on_image_right)
 
@@ -60,6 +61,9 @@ class Samples:
     # N keys of the image each crop comes from (SOPInstanceUID); None (samples saved before it
     # existed): the study stands in for it
     images: np.ndarray | None = None
+    # N×SCENE_SIZE descriptors of each crop's whole image (pipeline.scene); NaN rows: samples saved
+    # before they existed
+    scenes: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.labels)
@@ -67,6 +71,8 @@ class Samples:
             self.scanners = np.full(n, "", dtype=object).astype(str)
         if self.images is None:
             self.images = np.asarray(self.groups).astype(str)
+        if self.scenes is None:
+            self.scenes = np.full((n, SCENE_SIZE), np.nan, np.float32)
         if self.study_dates is None:
             self.study_dates = np.full(n, "", dtype=object).astype(str)
         if self.region_t_scores is None:
@@ -129,6 +135,7 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
     except (OSError, ValueError) as exc:
         return [], f"{path.name}: bone mask: {exc}"
     out, missed = [], []
+    scene = scene_descriptors(rad.pixels, rad.spacing_mm[0]).astype(np.float32)
     for site, t in truth.items():
         loc = located.get(site)
         if loc is None or loc.confidence < MIN_LOCALISATION_CONFIDENCE:
@@ -141,7 +148,7 @@ def _samples_from_row(args) -> tuple[list[tuple], str | None]:
                 np.round(square_crop(bone, loc.box, mirrored=(site == "left_hip")).pixels * 255).astype(np.uint8))
         label = -1 if np.isnan(t) else CLASSES.index(who_category(t))
         out.append((crop.pixels, cov, site_type(site, view), t, label, group, site, regions, implant, mask,
-                    scanner, str(ds.get("StudyDate", "") or ""), str(ds.get("SOPInstanceUID", path))))
+                    scanner, str(ds.get("StudyDate", "") or ""), str(ds.get("SOPInstanceUID", path)), scene))
     return out, (f"{path.name}: not located: {', '.join(missed)}" if missed else None)
 
 
@@ -206,4 +213,4 @@ def extract_samples(manifests: list[Path], progress: bool = True, workers: int =
                    sites=np.array(cols[6]), region_t_scores=np.array(cols[7], dtype=np.float32),
                    implants=np.array(cols[8], dtype=np.int64), masks=masks, has_mask=has_mask,
                    scanners=np.array(cols[10]).astype(str), study_dates=np.array(cols[11]).astype(str),
-                   images=np.array(cols[12]).astype(str)), problems
+                   images=np.array(cols[12]).astype(str), scenes=np.stack(cols[13]).astype(np.float32)), problems

@@ -19,13 +19,17 @@ correction", i.e. toward the line:
   synthD pool, hip MAE 0.244 → 0.237 on the pool's other studies, and the likelihood chooses the width
   and the penalty in a second where the grid took ten (docs/CALIBRATION.md).
 
-Three feature sets (model.calibration.feature_sets): the last map's 96 pooled features, the
+The feature sets (model.calibration.feature_sets): the last map's 96 pooled features, the
 per-channel means and standard deviations of every map (416, network.channel_statistics), and those
 beside their mean over the image's crops of the same site type ("channel_stats_image", 832). The
 early layers' statistics describe contrast and texture, what edge enhancement and dynamic-range
 compression change; both hips of a pelvis went through the same processing, so the other hip's
 statistics tell more about it (what the line leaves is half shared between them). On the synthD pool (100 labelled studies), ridge on them left MAE 0.26 on hips
-against 0.28 on the pooled features, and the Gaussian process 0.23 (docs/CALIBRATION.md). Which of the
+against 0.28 on the pooled features, and the Gaussian process 0.23 (docs/CALIBRATION.md). Two more
+(`SCENE_SETS`) set the descriptors of the crop's whole image after the last two
+(pipeline.scene: intensity quantiles, a band-pass pyramid, sharpness, grid stripes; 39), weighted
+by `SCENE_WEIGHT`: the whole image shows the processing over soft tissue, bone and background, not
+only over a few centimetres of bone. Which of the
 `CANDIDATES` a site type gets, or none, is decided out of fold by `recalibrate.cross_fit`: its
 default (`DEFAULTS`) unless another candidate, or the line alone, has a lower out-of-fold error
 that a paired test by study finds significant (`SWITCH_P`): the evidence of a few dozen labelled
@@ -42,6 +46,9 @@ import warnings
 
 import numpy as np
 
+from ..model.calibration import SCENE_SETS
+from ..pipeline.scene import SCENE_SIZE
+
 MIN_FEATURE_CASES = 20  # labelled crops of a site type below which no feature correction is fitted
 ALPHAS = np.logspace(-1, 4, 30)  # ridge penalties RidgeCV chooses from (standardised features)
 GP_NU = 1.5  # Matérn smoothness (3/2: once differentiable; 5/2 and the Gaussian kernel did no better)
@@ -49,8 +56,11 @@ GP_NOISE_FLOOR = 1e-3  # lower bound of the white-noise level (T-score units²):
 KINDS = ("ridge", "gp")
 # (feature set, regression, scope) triples cross_fit tries for each site type; the scope is what a
 # correction is fitted on: "site", the site type's own labelled crops, or "all", every site type's
+# (a set reading the whole image's descriptors, SCENE_SETS, stands in for its twin without them when
+# the descriptors are at hand; samples extracted before they existed fall back to the twin)
 CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), ("channel_stats_image", "gp", "site"),
-              ("channel_stats", "ridge", "all"), ("channel_stats", "gp", "all"))
+              ("channel_stats", "ridge", "all"), ("channel_stats", "gp", "all"),
+              ("channel_stats_image_scene", "gp", "site"), ("channel_stats_scene", "gp", "all"))
 # What a site type gets unless another candidate (or the line alone) beats it clearly out of fold: the
 # Gaussian process on the hips' own crops, reading the other hip of the pelvis too (a lumbar view is
 # alone in its image, so there it is the channel statistics' Gaussian process), and for the lumbar
@@ -59,8 +69,19 @@ CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), (
 # labelled studies from the synthD pool the node-level MAE on the pool's other studies was 0.268 that
 # way and 0.263 with these defaults, 0.259 once the hips read their pelvis's other hip
 # (docs/CALIBRATION.md).
-DEFAULTS = {"hip": ("channel_stats_image", "gp", "site"), "lumbar_ap": ("channel_stats", "gp", "all"),
-            "lumbar_lat": ("channel_stats", "gp", "all")}
+# With the whole image's descriptors (pipeline.scene) after them (SCENE_WEIGHT): on 100 draws of 100
+# labelled studies from the synthD pool, node-level MAE 0.2506 → 0.2498 on the evaluation set and
+# 0.2609 → 0.2541 on the pool's other studies, lower in 86 of the 100 draws (docs/CALIBRATION.md).
+# Without the descriptors (samples extracted before they existed) the same sets without them
+# (`FALLBACK_DEFAULTS`).
+DEFAULTS = {"hip": ("channel_stats_image_scene", "gp", "site"), "lumbar_ap": ("channel_stats_scene", "gp", "all"),
+            "lumbar_lat": ("channel_stats_scene", "gp", "all")}
+FALLBACK_DEFAULTS = {"hip": ("channel_stats_image", "gp", "site"), "lumbar_ap": ("channel_stats", "gp", "all"),
+                     "lumbar_lat": ("channel_stats", "gp", "all")}
+# Weight of each standardised scene descriptor in the kernel's distance, against 1 for a channel
+# statistic: 39 descriptors beside 416 or 832 statistics would otherwise hardly move it. √10 (each
+# descriptor counted as ten statistics) did better than 1 and √30 on draws 1-10 (docs/CALIBRATION.md).
+SCENE_WEIGHT = float(np.sqrt(10.0))
 # one-sided significance at which a challenger's lower out-of-fold error (paired by study) replaces the default
 SWITCH_P = 0.05
 
@@ -84,6 +105,8 @@ def fit_feature_correction(features: np.ndarray, residuals: np.ndarray, weights:
     mean = features.mean(axis=0)
     scale = features.std(axis=0)
     scale = np.where(scale > 1e-9, scale, 1.0)  # a constant feature carries nothing (and no division by 0)
+    if feature_set in SCENE_SETS:  # the descriptors come last (feature_sets); the record keeps the weighted scale
+        scale[-SCENE_SIZE:] /= SCENE_WEIGHT
     z = (features - mean) / scale
     w = weights / weights.mean()
     record = {"features": feature_set, "kind": kind, "mean": mean.tolist(), "scale": scale.tolist()}

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..findings import CLASSES
-from ..model.calibration import SITE_TYPE_NAMES, Calibration
-from .feature_correction import CANDIDATES, DEFAULTS, MIN_FEATURE_CASES, SWITCH_P, fit_feature_correction, label
+from ..model.calibration import SCENE_SETS, SITE_TYPE_NAMES, Calibration
+from .feature_correction import (CANDIDATES, DEFAULTS, FALLBACK_DEFAULTS, MIN_FEATURE_CASES, SWITCH_P,
+                                 fit_feature_correction, label)
 
 SLOPE_PRIOR = 50.0  # pseudo-cases pulling the slope toward 1
 MIN_CORRECTION_CASES = 10  # fewer labelled crops of a site type: no correction for it (identity)
@@ -180,13 +181,22 @@ class CrossFit:
     feature_report: dict  # site type → n, out-of-fold MAE with the line alone and with each candidate, the default, p-values against it, the one used
 
 
+def candidates_at_hand(features: dict | None) -> list:
+    """The CANDIDATES whose feature set `features` holds; a set reading the whole image's descriptors
+    replaces its twin without them (SCENE_SETS) when both are at hand."""
+    if features is None:
+        return []
+    twins = {(SCENE_SETS[c[0]], *c[1:]) for c in CANDIDATES if c[0] in SCENE_SETS and c[0] in features}
+    return [c for c in CANDIDATES if c[0] in features and c not in twins]
+
+
 def cross_fit(d: Labelled, level: float, shares=None, seed: int = 0) -> CrossFit:
     """Everything the report shows, out of fold: the correction, temperature and intervals of each
     fold are fitted on the other folds."""
     n = len(d.t_true)
     fold = folds_by_group(d.groups, min(FOLDS, len(np.unique(d.groups))), seed)
     corrected, region_corrected = np.full(n, np.nan), {r: np.full(n, np.nan) for r in d.region_pred}
-    candidates = [c for c in CANDIDATES if d.features is not None and c[0] in d.features]
+    candidates = candidates_at_hand(d.features)
     with_features = {c: np.full(n, np.nan) for c in candidates}
     probs = {"temperature": np.full((n, 3), np.nan), "predictive": np.full((n, 3), np.nan)}
     for k in np.unique(fold):
@@ -222,8 +232,8 @@ def cross_fit(d: Labelled, level: float, shares=None, seed: int = 0) -> CrossFit
 
 def _choose_feature_corrections(d: Labelled, line: np.ndarray, with_features: dict) -> tuple[dict, dict]:
     """Per site type with at least MIN_FEATURE_CASES labelled crops (fewer cannot tell anything
-    apart): its default candidate (`DEFAULTS`; the line alone where that one's features are not at
-    hand), unless a challenger, another candidate or the line alone, has a lower out-of-fold MAE with
+    apart): its default candidate (`DEFAULTS`, or `FALLBACK_DEFAULTS` without the whole image's
+    descriptors; the line alone where neither's features are at hand), unless a challenger, another candidate or the line alone, has a lower out-of-fold MAE with
     one-sided p < SWITCH_P (Wilcoxon signed-rank test on the per-study mean absolute errors; of
     several such, the one with the lowest MAE)."""
     chosen, report = {}, {}
@@ -235,7 +245,7 @@ def _choose_feature_corrections(d: Labelled, line: np.ndarray, with_features: di
                                      if np.isfinite(v[m]).all() and not np.allclose(v[m], line[m])}}
         errors = {c: _per_study_errors(d.t_true[m] - v, d.groups[m]) for c, v in options.items()}
         mae = {c: float(np.abs(d.t_true[m] - v).mean()) for c, v in options.items()}
-        default = DEFAULTS.get(name) if DEFAULTS.get(name) in options else None
+        default = next((c for c in (DEFAULTS.get(name), FALLBACK_DEFAULTS.get(name)) if c in options), None)
         p_values = {c: _p_lower(errors[c], errors[default]) for c in options if c != default}
         beaten = [c for c, p in p_values.items() if p < SWITCH_P and mae[c] < mae[default]]
         used = min(beaten, key=mae.get) if beaten else default
