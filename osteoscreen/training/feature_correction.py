@@ -76,8 +76,8 @@ CANDIDATES = (("pooled", "ridge", "site"), ("channel_stats", "ridge", "site"), (
 # (`FALLBACK_DEFAULTS`).
 DEFAULTS = {"hip": ("channel_stats_image_scene", "gp", "site"), "lumbar_ap": ("channel_stats_scene", "gp", "all"),
             "lumbar_lat": ("channel_stats_scene", "gp", "all")}
-FALLBACK_DEFAULTS = {"hip": ("channel_stats_image", "gp", "site"), "lumbar_ap": ("channel_stats", "gp", "all"),
-                     "lumbar_lat": ("channel_stats", "gp", "all")}
+FALLBACK_DEFAULTS = {name: (SCENE_SETS.get(feature_set, feature_set), kind, scope)
+                     for name, (feature_set, kind, scope) in DEFAULTS.items()}
 # Weight of each standardised scene descriptor in the kernel's distance, against 1 for a channel
 # statistic: 39 descriptors beside 416 or 832 statistics would otherwise hardly move it. √10 (each
 # descriptor counted as ten statistics) did better than 1 and √30 on draws 1-10 (docs/CALIBRATION.md).
